@@ -1,0 +1,412 @@
+"""LLaVA vision pipeline: image -> pixels -> vision tower -> projector -> embeddings spliced into a prompt.
+
+Stages (one module each):
+
+    llava_image_io    decode bytes / paths / data URLs into RGB PIL images, with limits
+    llava_preprocess  PIL image -> pixels [3, S, S], bit-identical to the reference PIL processors
+    llava_vision      pixels [B, 3, S, S] -> features [B, N, C] (truncated tower) -> [B, N, H_lm] (projector)
+    llava_prompt      parts (text and image slots) -> token ids with image spans; truncation; templates
+    this module       composes them: tokenize, encode (with a content-keyed cache), splice
+
+The language model itself is loaded by webui or by ``llava_checkpoint.load_language_model``; the pipeline
+only needs its tokenizer and its input-embedding layer. Importable without webui.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+import llava_checkpoint
+import llava_image_io
+import llava_preprocess
+import llava_vision
+from llava_cache import EmbeddingCache
+from llava_checkpoint import (
+    IM_END_TEXT,
+    IM_PATCH_TEXT,
+    IM_START_TEXT,
+    CheckpointError,
+    LlavaSpec,
+    read_llava_spec,
+    text_config_for,
+)
+from llava_prompt import ImageRef, ImageSpan, Part, TokenizedPrompt, truncate_left
+
+logger = logging.getLogger(__name__)
+
+
+class LlavaInputError(ValueError):
+    """Input that does not fit the prompt (image/marker count, tokenizer) with a message for the user."""
+
+
+@dataclass(frozen=True)
+class VisionSettings:
+    """Device and precision of the vision part and its limits; webui's ``llava-*`` settings map onto these.
+
+    ``*_bits``: "32", "16" (float16 on CUDA, bfloat16 on the CPU) or "bf16". ``*_device``: a torch device
+    string, or None for ``cuda:0`` when CUDA is available, else ``cpu``.
+    """
+
+    clip_bits: str = "32"
+    clip_device: str | None = None
+    projector_bits: str = "32"
+    projector_device: str | None = None
+    vision_tower: str | None = None  # overrides the checkpoint's mm_vision_tower
+    cache_mb: float = 256.0
+    max_pixels: int = llava_image_io.DEFAULT_MAX_PIXELS
+    exif_transpose: bool = False  # the references ignore EXIF orientation (llava-formats.md §1.10)
+
+    def __post_init__(self):
+        for name in ("clip_bits", "projector_bits"):
+            value = str(getattr(self, name)).lower()
+            if value not in llava_vision.BITS_TO_DTYPE:
+                raise ValueError(f"{name} must be one of 32, 16, bf16; got {getattr(self, name)!r}")
+            object.__setattr__(self, name, value)
+        if self.cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
+        if self.max_pixels is not None and self.max_pixels <= 0:
+            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "VisionSettings":
+        """Build from a dict such as webui's ``params``; unknown keys are ignored, empty strings mean None."""
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in known:
+                continue
+            if isinstance(value, str) and value.strip().lower() in ("", "none", "auto"):
+                value = None
+            if value is None and key in ("clip_bits", "projector_bits", "cache_mb", "max_pixels", "exif_transpose"):
+                continue
+            kwargs[key] = value
+        return cls(**kwargs)
+
+
+@dataclass
+class PreparedInputs:
+    """What ``generate`` needs: ``input_ids [1, T]`` (placeholder ids at image rows) and
+    ``inputs_embeds [1, T, H]`` on the embedding layer's device and dtype, plus bookkeeping."""
+
+    input_ids: torch.Tensor
+    inputs_embeds: torch.Tensor
+    prompt: TokenizedPrompt
+    images_used: int
+    dropped_images: list[int] = field(default_factory=list)
+
+
+class LlavaPipeline:
+    """The vision side of one LLaVA checkpoint, on its own devices and dtypes."""
+
+    def __init__(
+        self,
+        spec: LlavaSpec,
+        settings: VisionSettings,
+        tower: llava_vision.VisionTower,
+        projector: llava_vision.Projector,
+        preprocess_config: llava_preprocess.PreprocessConfig,
+    ):
+        self.spec = spec
+        self.settings = settings
+        self.tower = tower
+        self.projector = projector
+        self.preprocess_config = preprocess_config
+        self.cache = EmbeddingCache(int(settings.cache_mb * 1024 * 1024))
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | os.PathLike,
+        settings: VisionSettings | None = None,
+        *,
+        models_dir: str | os.PathLike | None = None,
+        lm_hidden_size: int | None = None,
+    ) -> "LlavaPipeline":
+        """Load tower and projector of the checkpoint in ``model_dir`` (never the language model)."""
+        settings = settings or VisionSettings()
+        spec = read_llava_spec(model_dir)
+        if spec is None:
+            raise CheckpointError(f"{model_dir} is not a LLaVA checkpoint (no LLaVA fields in config.json)")
+        if lm_hidden_size is None:
+            lm_hidden_size = text_config_for(spec.model_dir, spec.raw_config).hidden_size
+        source = llava_vision.find_tower_source(spec, settings.vision_tower, models_dir)
+        tower_device = llava_vision.resolve_device(settings.clip_device)
+        projector_device = llava_vision.resolve_device(settings.projector_device)
+        tower, projector = llava_vision.load_vision_modules(
+            spec,
+            source,
+            tower_device=tower_device,
+            tower_dtype=llava_vision.resolve_dtype(settings.clip_bits, tower_device),
+            projector_device=projector_device,
+            projector_dtype=llava_vision.resolve_dtype(settings.projector_bits, projector_device),
+            lm_hidden_size=lm_hidden_size,
+        )
+        preprocess_config = _preprocess_config_for(spec, source, tower)
+        return cls(spec, settings, tower, projector, preprocess_config)
+
+    def unload(self) -> None:
+        """Release the modules and the cache (frees GPU memory when they live there)."""
+        self.cache.clear()
+        self.tower = None
+        self.projector = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def describe(self) -> str:
+        """One line for logs and the UI: model, devices, precision, tokens per image."""
+        tower_param = next(self.tower.parameters())
+        projector_params = list(self.projector.parameters())
+        projector_where = (
+            f"{projector_params[0].device} {str(projector_params[0].dtype).replace('torch.', '')}"
+            if projector_params else "none"
+        )
+        return (
+            f"{self.spec.model_dir.name} ({self.spec.format}): vision tower on {tower_param.device} "
+            f"{str(tower_param.dtype).replace('torch.', '')}, projector on {projector_where}, "
+            f"{self.tokens_per_image} tokens per image"
+        )
+
+    # ------------------------------------------------------------------------------------------ geometry
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Feature rows one image contributes: (image_size / patch_size)², +1 when CLS is kept."""
+        return self.tower.tokens_per_image
+
+    @property
+    def prompt_positions_per_image(self) -> int:
+        """Prompt positions one image takes, including v0's ``<im_start>`` / ``<im_end>``."""
+        extra = 2 if self.spec.use_im_start_end else 0
+        return self.tokens_per_image + extra
+
+    # ------------------------------------------------------------------------------------------ images
+
+    def load_image(self, source, *, name: str):
+        """Decode one image with this pipeline's limits; raises ``llava_image_io.ImageError``."""
+        return llava_image_io.load_image(
+            source, name=name, max_pixels=self.settings.max_pixels, exif_transpose=self.settings.exif_transpose
+        )
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Any]) -> list[torch.Tensor]:
+        """RGB PIL images -> one ``[tokens_per_image, H_lm]`` tensor each (projector device and dtype).
+
+        Images seen before (same pixels) come from the cache; the tower runs once, batched, for the rest.
+        """
+        started = time.perf_counter()
+        keys = [llava_image_io.image_digest(image) for image in images]
+        results: list[torch.Tensor | None] = [self.cache.get(key) for key in keys]
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            pixels = llava_preprocess.preprocess_batch([images[i] for i in missing], self.preprocess_config)
+            features = self.encode_pixels(pixels)
+            for row, index in enumerate(missing):
+                embedding = features[row].clone()
+                results[index] = embedding
+                self.cache.put(keys[index], embedding)
+        logger.info(
+            "Encoded %d image(s) (%d from cache) in %.1f ms",
+            len(images), len(images) - len(missing), (time.perf_counter() - started) * 1000,
+        )
+        return results  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels ``[B, 3, S, S]`` -> embeddings ``[B, tokens_per_image, H_lm]``."""
+        tower_param = next(self.tower.parameters())
+        features = self.tower(pixels.to(tower_param.device))
+        projector_params = list(self.projector.parameters())
+        if projector_params:
+            features = features.to(device=projector_params[0].device, dtype=projector_params[0].dtype)
+        return self.projector(features)
+
+    # ------------------------------------------------------------------------------------------ prompt
+
+    def placeholder_id(self, tokenizer) -> int:
+        """The id written at image positions of ``input_ids``: a real vocabulary entry (its embedding
+        row is overwritten), so embedding lookups, samplers and logits processors never see a sentinel."""
+        if self.spec.format == "hf":
+            return self.spec.image_token_id
+        if self.spec.format == "v0":
+            return _single_token_id(tokenizer, IM_PATCH_TEXT)
+        for candidate in (tokenizer.unk_token_id, tokenizer.pad_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def tokenize(self, parts: Sequence[Part], tokenizer, *, add_bos: bool) -> TokenizedPrompt:
+        """Token ids for ``parts`` with ``prompt_positions_per_image`` positions per image slot.
+
+        v1 (original): the text between images is tokenized chunk by chunk, like LLaVA's
+        ``tokenizer_image_token`` (llava/mm_utils.py). v0 and llava-hf: the prompt is tokenized once with
+        each image spelled as its vocabulary tokens, as their references do; offsets tell our slots apart
+        from the same token text typed by a user, which stays plain text and never becomes an image.
+        """
+        bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+        if self.spec.tokenization == "chunks":
+            return self._tokenize_chunks(parts, tokenizer, bos)
+        return self._tokenize_inline(parts, tokenizer, bos)
+
+    def _tokenize_chunks(self, parts, tokenizer, bos: list[int]) -> TokenizedPrompt:
+        start_text, end_text = (IM_START_TEXT, IM_END_TEXT) if self.spec.use_im_start_end else ("", "")
+        chunks, order, current = [], [], ""
+        for part in parts:
+            if isinstance(part, ImageRef):
+                chunks.append(current + start_text)
+                order.append(part.index)
+                current = end_text
+            else:
+                current += part
+        chunks.append(current)
+        placeholder = self.placeholder_id(tokenizer)
+        ids, spans = list(bos), []
+        for index, chunk in enumerate(chunks):
+            if index:
+                spans.append(ImageSpan(len(ids), self.tokens_per_image, order[index - 1]))
+                ids.extend([placeholder] * self.tokens_per_image)
+            if chunk:
+                ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+        return TokenizedPrompt(ids, spans)
+
+    def _tokenize_inline(self, parts, tokenizer, bos: list[int]) -> TokenizedPrompt:
+        n = self.tokens_per_image
+        if self.spec.format == "hf":
+            slot_text = self.spec.image_token_text
+            expected = [self.spec.image_token_id]
+        else:
+            patch_id = _single_token_id(tokenizer, IM_PATCH_TEXT)
+            slot_text = IM_PATCH_TEXT * n
+            expected = [patch_id] * n
+            if self.spec.use_im_start_end:
+                slot_text = IM_START_TEXT + slot_text + IM_END_TEXT
+                expected = [_single_token_id(tokenizer, IM_START_TEXT)] + expected + [_single_token_id(tokenizer, IM_END_TEXT)]
+        text, slots = "", []  # slots: (char_start, char_end, image_index)
+        for part in parts:
+            if isinstance(part, ImageRef):
+                slots.append((len(text), len(text) + len(slot_text), part.index))
+                text += slot_text
+            else:
+                text += part
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        token_ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+        ids, spans = list(bos), []
+        position = 0
+        for char_start, char_end, image_index in slots:
+            while position < len(token_ids) and offsets[position][0] < char_start:
+                ids.append(token_ids[position])
+                position += 1
+            slot_ids = []
+            while position < len(token_ids) and offsets[position][1] <= char_end and offsets[position][0] >= char_start:
+                slot_ids.append(token_ids[position])
+                position += 1
+            if slot_ids != expected:
+                raise LlavaInputError(
+                    f"the tokenizer does not turn {slot_text[:40]!r} into the image token id(s) {expected[:3]}…; "
+                    "is this the tokenizer that belongs to the LLaVA checkpoint?"
+                )
+            if self.spec.format == "hf":
+                spans.append(ImageSpan(len(ids), n, image_index))
+                ids.extend([self.spec.image_token_id] * n)
+            else:
+                first = len(ids) + (1 if self.spec.use_im_start_end else 0)
+                spans.append(ImageSpan(first, n, image_index))
+                ids.extend(slot_ids)
+        ids.extend(token_ids[position:])
+        return TokenizedPrompt(ids, spans)
+
+    # ------------------------------------------------------------------------------------------ splice
+
+    @torch.no_grad()
+    def embed(
+        self, prompt: TokenizedPrompt, features: Sequence[torch.Tensor], embed_tokens: torch.nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed ``prompt.ids`` and overwrite image rows: -> ``input_ids [1, T]``, ``inputs_embeds [1, T, H]``.
+
+        ``features[i]`` (``[N_i, H]``) fills the span of image ``i``. The one cast of image features to
+        the embedding's device and dtype happens here.
+        """
+        weight = embed_tokens.weight
+        input_ids = torch.tensor([prompt.ids], dtype=torch.long, device=weight.device)
+        inputs_embeds = embed_tokens(input_ids)
+        if len(prompt.image_spans) != len(features):
+            raise LlavaInputError(
+                f"image features and image slots do not match: {len(features)} image(s) for "
+                f"{len(prompt.image_spans)} slot(s)"
+            )
+        if not prompt.image_spans:
+            return input_ids, inputs_embeds
+        rows = []
+        for span, feature in zip(prompt.image_spans, features):
+            if feature.shape[0] != span.length:
+                raise LlavaInputError(
+                    f"image {span.image_index + 1} has {feature.shape[0]} feature rows but its slot holds {span.length}"
+                )
+            rows.append(torch.arange(span.start, span.end, device=weight.device))
+        positions = torch.cat(rows)
+        values = torch.cat(list(features)).to(device=weight.device, dtype=inputs_embeds.dtype)
+        inputs_embeds = inputs_embeds.clone()
+        inputs_embeds[0, positions] = values
+        return input_ids, inputs_embeds
+
+    def prepare(
+        self,
+        parts: Sequence[Part],
+        images: Sequence[Any],
+        tokenizer,
+        embed_tokens: torch.nn.Module,
+        *,
+        add_bos: bool,
+        max_length: int | None = None,
+    ) -> PreparedInputs:
+        """Tokenize ``parts``, drop whole images that do not fit ``max_length`` (from the left), encode the
+        images that remain and splice them in. ``images[i]`` is the RGB image of ``ImageRef(i)``."""
+        refs = sorted({p.index for p in parts if isinstance(p, ImageRef)})
+        if refs != list(range(len(images))):
+            raise LlavaInputError(
+                f"the prompt has {sum(isinstance(p, ImageRef) for p in parts)} image slot(s) for {len(images)} image(s)"
+            )
+        prompt = self.tokenize(parts, tokenizer, add_bos=add_bos)
+        if max_length is not None:
+            prompt = truncate_left(prompt, max_length)
+        used = [span.image_index for span in prompt.image_spans]
+        features = self.encode_images([images[i] for i in used]) if used else []
+        input_ids, inputs_embeds = self.embed(prompt, features, embed_tokens)
+        return PreparedInputs(input_ids, inputs_embeds, prompt, len(used), list(prompt.dropped_images))
+
+
+def _single_token_id(tokenizer, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise LlavaInputError(f"the tokenizer has no single token for {text!r} (got {len(ids)} tokens)")
+    return int(ids[0])
+
+
+def _preprocess_config_for(spec: LlavaSpec, source, tower) -> "llava_preprocess.PreprocessConfig":
+    """Preprocessing of the checkpoint: its own ``preprocessor_config.json`` (llava-hf) or the tower's
+    (original), padded to square when ``image_aspect_ratio`` is ``pad`` or the llava-hf processor pads."""
+    folder = spec.model_dir if spec.format == "hf" else source.config_dir
+    path = Path(folder) / "preprocessor_config.json"
+    processor = llava_checkpoint._read_json(path) if path.is_file() else {}
+    if spec.format == "hf":
+        pad = bool(processor.get("do_pad", False)) and "Llava" in processor.get("image_processor_type", "")
+    else:
+        pad = spec.image_aspect_ratio == "pad"
+    if not processor:
+        logger.warning("No preprocessor_config.json in %s; using CLIP defaults at %d px", folder, tower.image_size)
+        processor = {
+            "size": {"shortest_edge": tower.image_size},
+            "crop_size": {"height": tower.image_size, "width": tower.image_size},
+            "image_mean": list(llava_checkpoint.OPENAI_CLIP_MEAN),
+            "image_std": list(llava_checkpoint.OPENAI_CLIP_STD),
+        }
+    config = llava_preprocess.PreprocessConfig.from_processor_dict(processor, pad_to_square=pad)
+    return config

@@ -1,0 +1,599 @@
+"""CLIP image preprocessing for LLaVA: RGB PIL image in, normalised float32 `[3, H, W]` tensor out.
+
+Bit-identical (``torch.equal``) to transformers' PIL backend, `CLIPImageProcessorPil` (resize + center
+crop) and `LlavaImageProcessorPil(do_pad=True)` (pad to square first), which in turn are bit-identical to
+the transformers 4.37.2 slow `CLIPImageProcessor` that original LLaVA ran (llava-formats.md §6). The
+reference arithmetic, step by step:
+
+1. pad (optional): square canvas of side max(W, H) filled with ``tuple(int(m * 255) for m in image_mean)``
+   (122, 116, 104 for CLIP), image pasted at ``((side - W) // 2, (side - H) // 2)`` (original
+   ``expand2square``).
+2. resize: ``shortest_edge`` S → the short side becomes S, the long side ``int(S * long / short)``
+   (truncated); or an exact ``(height, width)``. PIL ``Image.resize`` with the configured filter on uint8.
+3. center crop: ``top = (H - ch) // 2``, ``left = (W - cw) // 2``; a side smaller than the crop is
+   zero-padded, the image placed at ``ceil((c - H) / 2)``.
+4. rescale: ``float32(float64(v) * rescale_factor)``.
+5. normalise: float32 ``(x - float32(mean)) / float32(std)``.
+
+How this module is faster without changing a bit:
+
+* Steps 4-5 map each uint8 value of each channel to one float32, so they become a 3×256 lookup table
+  built once per config with exactly that arithmetic in numpy, applied with one torch gather.
+* Pad and crop happen on uint8 (PIL or numpy), before any float work, and only the kept window is
+  normalised.
+* The resize is still PIL's own kernel (the reference), but split into its two passes. For PIL's
+  convolution filters (BOX, BILINEAR, HAMMING, BICUBIC, LANCZOS) a resize computes a horizontal pass
+  into a uint8 intermediate, then a vertical pass; a horizontal-only resize followed by a vertical-only
+  resize is therefore the same computation. Each pass treats rows (horizontal) or columns (vertical)
+  independently with coefficients that depend only on the input and output lengths, so we may run the
+  horizontal pass on a subset of rows and the vertical pass on a subset of columns — and in parallel
+  threads (PIL releases the GIL while resampling). Only rows/columns that the crop keeps are computed,
+  and the constant background rows of a padded landscape image are resampled once and repeated.
+  Tests check every shortcut against the reference processors with ``torch.equal``.
+
+Also here: LLaVA-NeXT "anyres" tiling (`process_anyres_image`) in both the original LLaVA and the
+transformers semantics (llava-formats.md §2.9, divergence D1).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# PIL filters resampled by the two-pass convolution code (the pass split above is valid for these).
+# NEAREST and the newer MKS filters take a plain single `Image.resize` call.
+_TWO_PASS_FILTERS = frozenset({
+    Image.Resampling.BOX, Image.Resampling.BILINEAR, Image.Resampling.HAMMING,
+    Image.Resampling.BICUBIC, Image.Resampling.LANCZOS,
+})
+_VALID_FILTERS = frozenset(int(f) for f in Image.Resampling)
+# Largest support (in input pixels at scale 1) among the two-pass filters (LANCZOS: 3); used with a
+# safety margin to decide which intermediate rows a window of output rows reads.
+_MAX_FILTER_SUPPORT = 3.0
+_SUPPORT_MARGIN = 2
+
+# Below this many output pixels per pass, thread hand-off costs more than it saves.
+_MIN_PIXELS_PER_THREAD = 32_768
+_MAX_RESIZE_THREADS = 4
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """CLIP preprocessing settings (defaults are `CLIPImageProcessor`'s: 224 px, bicubic, OpenAI stats).
+
+    Resize target: exactly one of ``shortest_edge`` or (``size_height``, ``size_width``).
+    ``pad_to_square`` is LLaVA-1.5's ``image_aspect_ratio == "pad"`` (``expand2square``) — it comes
+    from the model config, not from ``preprocessor_config.json``.
+    """
+
+    shortest_edge: int | None = 224
+    size_height: int | None = None
+    size_width: int | None = None
+    crop_height: int = 224
+    crop_width: int = 224
+    do_center_crop: bool = True
+    resample: int = int(Image.Resampling.BICUBIC)
+    rescale_factor: float = 1 / 255
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    pad_to_square: bool = False
+
+    def __post_init__(self) -> None:
+        has_exact = self.size_height is not None or self.size_width is not None
+        if (self.shortest_edge is None) == (not has_exact) or (
+            has_exact and (self.size_height is None or self.size_width is None)
+        ):
+            raise ValueError(
+                "PreprocessConfig needs either shortest_edge or both size_height and size_width, got "
+                f"shortest_edge={self.shortest_edge}, size_height={self.size_height}, size_width={self.size_width}"
+            )
+        for field_name in ("shortest_edge", "size_height", "size_width", "crop_height", "crop_width"):
+            value = getattr(self, field_name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"PreprocessConfig.{field_name} must be a positive int, got {value!r}")
+        if self.resample not in _VALID_FILTERS:
+            raise ValueError(f"PreprocessConfig.resample must be a PIL filter id {sorted(_VALID_FILTERS)}, "
+                             f"got {self.resample!r}")
+        object.__setattr__(self, "resample", int(self.resample))
+        if not (isinstance(self.rescale_factor, (int, float)) and math.isfinite(self.rescale_factor)
+                and self.rescale_factor > 0):
+            raise ValueError(f"PreprocessConfig.rescale_factor must be a positive number, got {self.rescale_factor!r}")
+        for field_name in ("image_mean", "image_std"):
+            object.__setattr__(self, field_name, _three_floats(getattr(self, field_name), field_name))
+        if any(s == 0 for s in self.image_std):
+            raise ValueError(f"PreprocessConfig.image_std must not contain 0, got {self.image_std}")
+        if not self.do_center_crop and self.shortest_edge is not None and not self.pad_to_square:
+            raise ValueError(
+                "PreprocessConfig: shortest_edge resize without center crop or pad_to_square gives an output "
+                "size that depends on the image; the vision tower needs a fixed size"
+            )
+
+    @property
+    def expected_size(self) -> tuple[int, int]:
+        """(height, width) of every tensor `preprocess` returns."""
+        if self.do_center_crop:
+            return self.crop_height, self.crop_width
+        if self.shortest_edge is None:
+            return self.size_height, self.size_width
+        return self.shortest_edge, self.shortest_edge  # padded square, resized
+
+    @classmethod
+    def from_processor_dict(cls, processor_dict: dict[str, Any], *, pad_to_square: bool) -> "PreprocessConfig":
+        """Build from a Hugging Face ``preprocessor_config.json`` dict (CLIP / LLaVA / LLaVA-NeXT).
+
+        ``size`` may be an int (shortest edge, unless ``default_to_square`` is true), ``{"shortest_edge"}``,
+        ``{"height", "width"}`` or ``[height, width]``; ``crop_size`` an int, a dict or a list. Missing keys
+        take `CLIPImageProcessor`'s defaults. Metadata keys are ignored, and so are ``do_pad`` (its meaning
+        differs between processor classes; ``pad_to_square`` decides) and ``image_grid_pinpoints`` (read
+        by the anyres caller). Any other key, or a setting this module does not implement (e.g.
+        ``do_normalize: false``, ``size.longest_edge``), raises ValueError naming the key.
+        """
+        settings = dict(processor_dict)
+        for key in _IGNORED_PROCESSOR_KEYS:
+            settings.pop(key, None)
+        for key, required in (("do_resize", True), ("do_rescale", True), ("do_normalize", True)):
+            if key in settings and settings.pop(key) is not required:
+                raise ValueError(f"preprocessor config: {key}={processor_dict[key]!r} is not supported "
+                                 f"(only {required})")
+        # We always feed RGB (llava_image_io converts), so do_convert_rgb cannot change the result.
+        if not isinstance(settings.pop("do_convert_rgb", True), bool):
+            raise ValueError(f"preprocessor config: do_convert_rgb must be a bool, got {processor_dict['do_convert_rgb']!r}")
+        default_to_square = settings.pop("default_to_square", False)
+        if not isinstance(default_to_square, bool):
+            raise ValueError(f"preprocessor config: default_to_square must be a bool, got {default_to_square!r}")
+        data_format = settings.pop("data_format", "channels_first")
+        if data_format not in ("channels_first", None):
+            raise ValueError(f"preprocessor config: data_format={data_format!r} is not supported (only channels_first)")
+
+        kwargs: dict[str, Any] = {"pad_to_square": pad_to_square}
+        shortest_edge, height, width = _parse_size(settings.pop("size", {"shortest_edge": 224}),
+                                                   default_to_square=default_to_square)
+        kwargs.update(shortest_edge=shortest_edge, size_height=height, size_width=width)
+        crop = settings.pop("crop_size", {"height": 224, "width": 224})
+        kwargs["crop_height"], kwargs["crop_width"] = _parse_crop_size(crop)
+        if "do_center_crop" in settings:
+            kwargs["do_center_crop"] = _bool_setting(settings.pop("do_center_crop"), "do_center_crop")
+        if "resample" in settings:
+            resample = settings.pop("resample")
+            if isinstance(resample, bool) or not isinstance(resample, int) or resample not in _VALID_FILTERS:
+                raise ValueError(f"preprocessor config: resample={resample!r} is not a PIL filter id")
+            kwargs["resample"] = resample
+        if "rescale_factor" in settings:
+            kwargs["rescale_factor"] = settings.pop("rescale_factor")
+        if "image_mean" in settings:
+            kwargs["image_mean"] = _three_floats(settings.pop("image_mean"), "image_mean")
+        if "image_std" in settings:
+            kwargs["image_std"] = _three_floats(settings.pop("image_std"), "image_std")
+        if settings:
+            key = sorted(settings)[0]
+            raise ValueError(f"preprocessor config: unknown or unsupported key {key!r} (value {settings[key]!r})")
+        return cls(**kwargs)
+
+
+# Keys that describe the file rather than the arithmetic, or that belong to another stage.
+_IGNORED_PROCESSOR_KEYS = (
+    "image_processor_type", "feature_extractor_type", "processor_class", "_processor_class",
+    "_valid_processor_keys", "do_pad", "image_grid_pinpoints",
+)
+
+
+def _bool_setting(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"preprocessor config: {key} must be a bool, got {value!r}")
+    return value
+
+
+def _positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"preprocessor config: {key} must be a positive int, got {value!r}")
+    return value
+
+
+def _parse_size(size: Any, *, default_to_square: bool) -> tuple[int | None, int | None, int | None]:
+    """→ (shortest_edge, height, width) with exactly one form set."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = _positive_int(size, "size")
+        return (None, size, size) if default_to_square else (size, None, None)
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return None, _positive_int(size[0], "size[0]"), _positive_int(size[1], "size[1]")
+    if isinstance(size, dict):
+        keys = set(size)
+        if keys == {"shortest_edge"}:
+            return _positive_int(size["shortest_edge"], "size.shortest_edge"), None, None
+        if keys == {"height", "width"}:
+            return None, _positive_int(size["height"], "size.height"), _positive_int(size["width"], "size.width")
+        allowed = {"shortest_edge"} if "shortest_edge" in keys else {"height", "width"}
+        offending = sorted(keys - allowed) or sorted(allowed - keys)
+        raise ValueError(f"preprocessor config: size.{offending[0]} is not supported here; size must be "
+                         f"{{'shortest_edge'}} or {{'height', 'width'}}, got {size!r}")
+    raise ValueError(f"preprocessor config: size={size!r} is not an int, [height, width] or a size dict")
+
+
+def _parse_crop_size(crop: Any) -> tuple[int, int]:
+    if isinstance(crop, int) and not isinstance(crop, bool):
+        crop = _positive_int(crop, "crop_size")
+        return crop, crop
+    if isinstance(crop, (list, tuple)) and len(crop) == 2:
+        return _positive_int(crop[0], "crop_size[0]"), _positive_int(crop[1], "crop_size[1]")
+    if isinstance(crop, dict) and set(crop) == {"height", "width"}:
+        return _positive_int(crop["height"], "crop_size.height"), _positive_int(crop["width"], "crop_size.width")
+    raise ValueError(f"preprocessor config: crop_size={crop!r} must be an int, [height, width] or "
+                     "{'height', 'width'}")
+
+
+def _three_floats(value: Any, name: str) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value] * 3  # a scalar applies to every channel, as in transformers
+    if (not isinstance(value, (list, tuple)) or len(value) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+        raise ValueError(f"{name} must be 3 finite numbers (one per RGB channel), got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+# --- single image ----------------------------------------------------------------------------------
+
+
+def preprocess(image: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
+    """One image → float32 tensor ``[3, *cfg.expected_size]`` (channels R, G, B).
+
+    ``image`` should be RGB (from `llava_image_io.load_image`); other modes get ``convert("RGB")``
+    like the reference processors.
+    """
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    pixels = _resize_and_crop_uint8(image, cfg)  # [h, w, 3] uint8
+    return _normalize(pixels, cfg)
+
+
+def preprocess_batch(images: Sequence[Image.Image], cfg: PreprocessConfig) -> torch.Tensor:
+    """Several images → float32 ``[B, 3, *cfg.expected_size]`` (B may be 0)."""
+    height, width = cfg.expected_size
+    batch = torch.empty((len(images), 3, height, width), dtype=torch.float32)
+    for index, image in enumerate(images):
+        batch[index] = preprocess(image, cfg)
+    return batch
+
+
+def _normalize(pixels: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
+    """uint8 ``[h, w, 3]`` → float32 ``[3, h, w]`` through the per-channel lookup table."""
+    table = _normalization_table(cfg.rescale_factor, cfg.image_mean, cfg.image_std)  # [768]
+    channels_first = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+    # Channel c reads entries [256 c, 256 c + 255] of the flat table.
+    index = channels_first.to(torch.int64) + _CHANNEL_OFFSETS
+    return table.take(index)
+
+
+_CHANNEL_OFFSETS = torch.tensor([0, 256, 512], dtype=torch.int64).view(3, 1, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalization_table(rescale_factor: float, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """float32 ``[3 * 256]``: value v of channel c → the reference's rescale + normalise of v.
+
+    Same numpy operations and dtypes as transformers' PIL backend: ``astype(float64) * factor`` then
+    ``astype(float32)``; then float32 ``(x - mean) / std`` with mean/std cast to float32.
+    """
+    values = np.arange(256, dtype=np.uint8)
+    rescaled = (values.astype(np.float64) * rescale_factor).astype(np.float32)  # [256]
+    mean32 = np.array(mean, dtype=np.float32)[:, None]  # [3, 1]
+    std32 = np.array(std, dtype=np.float32)[:, None]
+    table = (rescaled[None, :] - mean32) / std32  # [3, 256] float32
+    return torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32).reshape(-1))
+
+
+def _resized_size(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int]:
+    """(width, height) after the resize step, as transformers' `get_resize_output_image_size`."""
+    if cfg.shortest_edge is None:
+        return cfg.size_width, cfg.size_height
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(cfg.shortest_edge * long / short)  # truncation, as the reference
+    return (cfg.shortest_edge, new_long) if width <= height else (new_long, cfg.shortest_edge)
+
+
+def _crop_window(size: int, crop: int) -> tuple[int, int, int]:
+    """For one axis: (first kept index, number kept, offset of the kept part inside the crop)."""
+    if size >= crop:
+        return (size - crop) // 2, crop, 0
+    return 0, size, math.ceil((crop - size) / 2)  # image smaller than the crop: zero-padded around it
+
+
+def _resize_and_crop_uint8(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """Steps 1-3 (pad, resize, center crop) on uint8: ``[h, w, 3]`` with (h, w) = cfg.expected_size."""
+    width, height = image.size
+    background = tuple(int(m * 255) for m in cfg.image_mean)
+    padded = cfg.pad_to_square and width != height
+    in_w = in_h = max(width, height) if padded else 0
+    if not padded:
+        in_w, in_h = width, height
+    out_w, out_h = _resized_size(in_w, in_h, cfg)
+
+    if cfg.do_center_crop:
+        row0, n_rows, row_at = _crop_window(out_h, cfg.crop_height)
+        col0, n_cols, col_at = _crop_window(out_w, cfg.crop_width)
+    else:
+        row0, n_rows, row_at, col0, n_cols, col_at = 0, out_h, 0, 0, out_w, 0
+
+    if cfg.resample in _TWO_PASS_FILTERS:
+        source = _PaddedSource(image, in_w, in_h, background if padded else None)
+        window = _two_pass_resize(source, out_w, out_h, (row0, row0 + n_rows), (col0, col0 + n_cols),
+                                  cfg.resample)
+    else:
+        full = _pad_image(image, background) if padded else image
+        window = np.asarray(full.resize((out_w, out_h), cfg.resample))[row0:row0 + n_rows, col0:col0 + n_cols]
+
+    if not cfg.do_center_crop or (n_rows == cfg.crop_height and n_cols == cfg.crop_width):
+        return window
+    result = np.zeros((cfg.crop_height, cfg.crop_width, 3), dtype=np.uint8)
+    result[row_at:row_at + n_rows, col_at:col_at + n_cols] = window
+    return result
+
+
+def _pad_image(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Original LLaVA `expand2square`: same mode, square of side max(W, H), image centred (floor)."""
+    width, height = image.size
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+class _PaddedSource:
+    """The (optionally square-padded) resize input, able to hand out row bands without building it whole."""
+
+    def __init__(self, image: Image.Image, width: int, height: int, background: tuple[int, int, int] | None):
+        self.image = image
+        self.width, self.height = width, height
+        self.background = background
+        self.offset_x = (width - image.width) // 2
+        self.offset_y = (height - image.height) // 2
+
+    def rows(self, first: int, last: int) -> Image.Image:
+        """Rows [first, last) of the padded image as a PIL image ``width × (last - first)``."""
+        if self.background is None or self.offset_x == 0:
+            # Unpadded, or padded above/below only: these rows are image rows (or pure background,
+            # handled by the caller), at full width.
+            return self.image.crop((0, first - self.offset_y, self.width, last - self.offset_y))
+        band = Image.new("RGB", (self.width, last - first), self.background)
+        band.paste(self.image.crop((0, first, self.image.width, last)), (self.offset_x, 0))
+        return band
+
+    def image_rows(self) -> tuple[int, int]:
+        """Rows of the padded image holding image pixels; the rest are uniform background rows."""
+        if self.background is None or self.offset_x != 0:
+            return 0, self.height
+        return self.offset_y, self.offset_y + self.image.height
+
+
+def _two_pass_resize(source: _PaddedSource, out_w: int, out_h: int, keep_rows: tuple[int, int],
+                     keep_cols: tuple[int, int], resample: int) -> np.ndarray:
+    """PIL resize of `source` to (out_w, out_h), returning only rows/cols in the keep ranges (uint8 [h, w, 3])."""
+    in_w, in_h = source.width, source.height
+    col0, col1 = keep_cols
+    vertical = out_h != in_h
+    # Intermediate rows the kept output rows read (all of them if there is no vertical pass to do).
+    if vertical:
+        need0, need1 = _rows_read(in_h, out_h, keep_rows)
+    else:
+        need0, need1 = keep_rows
+
+    intermediate = np.zeros((in_h if vertical else need1 - need0, col1 - col0, 3), dtype=np.uint8)
+    base = 0 if vertical else need0  # intermediate row index = padded-image row - base
+    image0, image1 = source.image_rows()
+    # Rows of pure padding (landscape image padded above and below) are identical after the
+    # horizontal pass: resample one and repeat it.
+    background_bands = [(need0, min(need1, image0)), (max(need0, image1), need1)]
+    if any(first < last for first, last in background_bands):
+        background_row = _horizontal(Image.new("RGB", (in_w, 1), source.background), out_w, resample)
+        for first, last in background_bands:
+            if first < last:
+                intermediate[first - base:last - base] = background_row[:, col0:col1]
+    band0, band1 = max(need0, image0), min(need1, image1)
+    if band1 > band0:
+        intermediate[band0 - base:band1 - base] = _parallel_horizontal(source, band0, band1, out_w,
+                                                                        (col0, col1), resample)
+    if not vertical:
+        return intermediate
+    return _parallel_vertical(intermediate, out_h, resample)[keep_rows[0]:keep_rows[1]]
+
+
+def _rows_read(in_size: int, out_size: int, keep: tuple[int, int]) -> tuple[int, int]:
+    """Input rows [first, last) that output rows keep[0]..keep[1]-1 of a resize may read (with margin).
+
+    Mirrors PIL's coefficient bounds: output i is centred at (i + 0.5) * scale and reads inputs within
+    support * max(scale, 1) of it; we use the widest filter's support plus a margin, so the range is a
+    safe superset whatever the filter.
+    """
+    scale = in_size / out_size
+    support = _MAX_FILTER_SUPPORT * max(scale, 1.0)
+    first = math.floor((keep[0] + 0.5) * scale - support) - _SUPPORT_MARGIN
+    last = math.ceil((keep[1] - 0.5) * scale + support) + _SUPPORT_MARGIN
+    return max(first, 0), min(last, in_size)
+
+
+def _horizontal(band: Image.Image, out_w: int, resample: int) -> np.ndarray:
+    """Horizontal-only PIL resize (same height) → uint8 [rows, out_w, 3]."""
+    if band.width == out_w:
+        return np.asarray(band)
+    return np.asarray(band.resize((out_w, band.height), resample))
+
+
+def _parallel_horizontal(source: _PaddedSource, first: int, last: int, out_w: int, cols: tuple[int, int],
+                         resample: int) -> np.ndarray:
+    """Horizontal pass over padded rows [first, last), kept columns only → uint8 [last-first, ncols, 3]."""
+    chunks = _split(first, last, (last - first) * out_w)
+
+    def run(bounds: tuple[int, int]) -> np.ndarray:
+        return _horizontal(source.rows(*bounds), out_w, resample)[:, cols[0]:cols[1]]
+
+    parts = _map(run, chunks)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+def _parallel_vertical(intermediate: np.ndarray, out_h: int, resample: int) -> np.ndarray:
+    """Vertical-only PIL resize of uint8 [in_h, w, 3] to [out_h, w, 3], split by columns across threads."""
+    width = intermediate.shape[1]
+    chunks = _split(0, width, out_h * width)
+
+    def run(bounds: tuple[int, int]) -> np.ndarray:
+        strip = Image.fromarray(np.ascontiguousarray(intermediate[:, bounds[0]:bounds[1]]))
+        return np.asarray(strip.resize((bounds[1] - bounds[0], out_h), resample))
+
+    parts = _map(run, chunks)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def _split(first: int, last: int, work: int) -> list[tuple[int, int]]:
+    """Split [first, last) into as many near-equal chunks as threads are worth for `work` pixels."""
+    count = max(1, min(_resize_threads(), work // _MIN_PIXELS_PER_THREAD, last - first))
+    edges = [first + (last - first) * i // count for i in range(count + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(count)]
+
+
+def _map(function, chunks: list[tuple[int, int]]) -> list[np.ndarray]:
+    if len(chunks) == 1:
+        return [function(chunks[0])]
+    return list(_thread_pool().map(function, chunks))
+
+
+@functools.lru_cache(maxsize=1)
+def _resize_threads() -> int:
+    return max(1, min(_MAX_RESIZE_THREADS, os.cpu_count() or 1))
+
+
+@functools.lru_cache(maxsize=1)
+def _thread_pool() -> ThreadPoolExecutor:
+    # Created on first use (never at import), shared by all requests; PIL releases the GIL while
+    # resampling, so these threads run the passes truly in parallel.
+    return ThreadPoolExecutor(max_workers=_resize_threads(), thread_name_prefix="llava-resize")
+
+
+# --- LLaVA-NeXT anyres -----------------------------------------------------------------------------
+
+
+def parse_grid_pinpoints(value: Any) -> tuple[tuple[int, int], ...]:
+    """``image_grid_pinpoints`` (list of pairs, or its string form as in some original configs) → int pairs.
+
+    The pair order is NOT interpreted here: original LLaVA reads (width, height), transformers
+    (height, width); see `process_anyres_image`.
+    """
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as exc:
+            raise ValueError(f"image_grid_pinpoints {value!r} is not a list of pairs") from exc
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"image_grid_pinpoints must be a non-empty list of [a, b] pairs, got {value!r}")
+    pairs = []
+    for pair in value:
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair)):
+            raise ValueError(f"image_grid_pinpoints entry {pair!r} is not a pair of positive ints")
+        pairs.append((pair[0], pair[1]))
+    return tuple(pairs)
+
+
+def select_best_resolution(image_size: tuple[int, int], candidates: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """Pick the canvas for anyres tiling. All sizes are (width, height).
+
+    Maximises the image pixels kept after an aspect-preserving downscale to fit the candidate (capped at
+    the original pixel count), then minimises the unused canvas area. Strict comparisons: the first
+    candidate wins a full tie (this is what makes original and transformers differ, D1).
+    """
+    width, height = image_size
+    best = None
+    best_effective, best_wasted = 0, math.inf
+    for cand_w, cand_h in candidates:
+        scale = min(cand_w / width, cand_h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = cand_w * cand_h - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (cand_w, cand_h), effective, wasted
+    if best is None:
+        raise ValueError(f"no anyres resolution fits image size {image_size} among {list(candidates)}")
+    return best
+
+
+def resize_and_pad_image(image: Image.Image, target_size: tuple[int, int], resample: int) -> Image.Image:
+    """Aspect-preserving resize into target (width, height), centred (floor) on a black RGB canvas."""
+    width, height = image.size
+    target_w, target_h = target_size
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        new_w, new_h = target_w, min(math.ceil(height * scale_w), target_h)
+    else:
+        new_w, new_h = min(math.ceil(width * scale_h), target_w), target_h
+    resized = image.resize((new_w, new_h), resample)
+    canvas = Image.new("RGB", (target_w, target_h), (0, 0, 0))
+    canvas.paste(resized, ((target_w - new_w) // 2, (target_h - new_h) // 2))
+    return canvas
+
+
+def divide_to_patches(image: Image.Image, patch_size: int) -> list[Image.Image]:
+    """Row-major ``patch_size`` squares; the image sides must be multiples of ``patch_size``."""
+    width, height = image.size
+    if width % patch_size or height % patch_size:
+        raise ValueError(f"image {width}x{height} does not divide into {patch_size}-pixel tiles")
+    return [image.crop((left, top, left + patch_size, top + patch_size))
+            for top in range(0, height, patch_size) for left in range(0, width, patch_size)]
+
+
+def anyres_resolution(image_size: tuple[int, int], grid_pinpoints: Any, *, hf_semantics: bool) -> tuple[int, int]:
+    """Best tiling canvas (width, height) for an image of (width, height).
+
+    ``hf_semantics`` False: original LLaVA, pinpoints read as (width, height). True: transformers
+    `LlavaNext*`, pinpoints read as (height, width). The two differ only on ties (both sides ≤ the
+    tile size for the usual pinpoints, e.g. 300×200 → 336×672 original, 672×336 transformers).
+    """
+    pairs = parse_grid_pinpoints(grid_pinpoints)
+    candidates = [(b, a) for a, b in pairs] if hf_semantics else list(pairs)
+    return select_best_resolution(image_size, candidates)
+
+
+def process_anyres_image(image: Image.Image, cfg: PreprocessConfig, grid_pinpoints: Any, *,
+                         hf_semantics: bool) -> torch.Tensor:
+    """LLaVA-NeXT anyres: float32 ``[1 + n_tiles, 3, *cfg.expected_size]``, the squashed base image first.
+
+    Steps (llava-formats.md §2.9): best canvas (`anyres_resolution`); aspect-preserving resize and centre
+    on a black canvas; row-major tiles of ``cfg.crop_height``; base image = the whole image resized
+    (not padded) to a square; every piece then through `preprocess` (square padding never applies).
+
+    Semantics: original LLaVA (``hf_semantics=False``) resizes with PIL's default BICUBIC and squashes
+    the base to ``shortest_edge``²; transformers (True) uses ``cfg.resample`` and squashes the base to
+    ``(size_height, size_width)`` or ``shortest_edge``². With the usual bicubic configs only the canvas
+    choice on ties differs.
+    """
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    patch_size = cfg.crop_height  # both references tile by crop_size["height"], crop or not
+    target_w, target_h = anyres_resolution(image.size, grid_pinpoints, hf_semantics=hf_semantics)
+    if target_w % patch_size or target_h % patch_size:
+        raise ValueError(f"anyres resolution {target_w}x{target_h} is not a multiple of the tile size {patch_size}")
+    if hf_semantics:
+        resample = cfg.resample
+        base_size = ((cfg.size_width, cfg.size_height) if cfg.shortest_edge is None
+                     else (cfg.shortest_edge, cfg.shortest_edge))
+    else:
+        if cfg.shortest_edge is None:
+            raise ValueError("original anyres semantics need a shortest_edge size (the base image is "
+                             "resized to shortest_edge x shortest_edge)")
+        resample = int(Image.Resampling.BICUBIC)  # `Image.resize` default used by original LLaVA
+        base_size = (cfg.shortest_edge, cfg.shortest_edge)
+
+    canvas = resize_and_pad_image(image, (target_w, target_h), resample)
+    tiles = divide_to_patches(canvas, patch_size)
+    base = image.resize(base_size, resample)
+    tile_cfg = dataclasses.replace(cfg, pad_to_square=False)
+    return preprocess_batch([base, *tiles], tile_cfg)

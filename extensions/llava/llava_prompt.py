@@ -1,0 +1,194 @@
+"""Prompt logic without tensors: image slots, token spans, truncation, conversation templates.
+
+A prompt is a list of parts, each a ``str`` or an :class:`ImageRef` (the position of one image).
+Tokenizing it (see ``llava_pipeline``) gives a :class:`TokenizedPrompt`: token ids plus the span each
+image occupies. Everything here works on ``str`` and ``list[int]`` and is tested without torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+logger = logging.getLogger(__name__)
+
+IMAGE_MARKER = "<image>"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Stands for image number ``index`` (0-based, in the order images were given)."""
+
+    index: int
+
+
+Part = Union[str, ImageRef]
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """Image ``image_index`` fills ``ids[start:start + length]`` with its ``length`` feature rows."""
+
+    start: int
+    length: int
+    image_index: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclass
+class TokenizedPrompt:
+    """Token ids with placeholder ids at image positions; ``len(ids)`` is the embedding length."""
+
+    ids: list[int]
+    image_spans: list[ImageSpan] = field(default_factory=list)
+    dropped_images: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def split_on_marker(text: str, images: int, marker: str = IMAGE_MARKER) -> list[Part]:
+    """``"a<image>b"`` -> ``["a", ImageRef(0), "b"]``; each marker takes the next image, in order.
+
+    Raises ValueError naming both numbers when markers and images differ in count.
+    """
+    pieces = text.split(marker)
+    if len(pieces) - 1 != images:
+        raise ValueError(
+            f"the prompt has {len(pieces) - 1} {marker} marker(s) but {images} image(s) were given; "
+            f"put one {marker} where each image belongs"
+        )
+    parts: list[Part] = []
+    for index, piece in enumerate(pieces):
+        if index:
+            parts.append(ImageRef(index - 1))
+        if piece:
+            parts.append(piece)
+    return parts
+
+
+def image_count(parts: Sequence[Part]) -> int:
+    return sum(isinstance(p, ImageRef) for p in parts)
+
+
+def truncate_left(prompt: TokenizedPrompt, max_length: int) -> TokenizedPrompt:
+    """Keep the last ``max_length`` positions, never half an image.
+
+    A cut that would fall inside an image moves right past it, so that image is dropped whole (and the
+    result may be shorter than ``max_length``). Spans are re-based to the new start. Dropped image
+    indices are listed in ``dropped_images``.
+    """
+    if max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    if len(prompt.ids) <= max_length:
+        return prompt
+    start = len(prompt.ids) - max_length
+    for span in prompt.image_spans:
+        if span.start < start < span.end:
+            start = span.end
+    kept = [ImageSpan(s.start - start, s.length, s.image_index) for s in prompt.image_spans if s.start >= start]
+    dropped = [s.image_index for s in prompt.image_spans if s.start < start]
+    if dropped:
+        logger.warning(
+            "Prompt truncated to %d of %d tokens: %d image(s) fell out of the context and were dropped whole",
+            len(prompt.ids) - start, len(prompt.ids), len(dropped),
+        )
+    return TokenizedPrompt(prompt.ids[start:], kept, prompt.dropped_images + dropped)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Conversation templates of the original checkpoints (llava/conversation.py; llava-formats.md §2.10)
+
+LLAVA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+LLAVA_V0_MM_SYSTEM = (
+    "You are LLaVA, a large language and vision assistant trained by UW Madison WAIV Lab."
+    "You are able to understand the visual content that the user provides, and assist the user with a "
+    "variety of tasks using natural language."
+    "Follow the instructions carefully and explain your answers in detail."
+)
+
+
+@dataclass(frozen=True)
+class ConversationTemplate:
+    name: str
+    system: str
+    roles: tuple[str, str]
+    style: str  # "single", "two", "llama_2", "mpt"
+    sep: str
+    sep2: str = ""
+    few_shot: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def stop_string(self) -> str:
+        # llava/serve/cli.py: stop_str = sep if sep_style != TWO else sep2 ("" for mistral_instruct).
+        return self.sep2 if self.style in ("two", "llama_2") else self.sep
+
+
+TEMPLATES = {
+    # v0-era `simple_conv_multimodal` (LLaVA@7ace501 conversation.py), what v0 checkpoints were trained on.
+    "llava_v0": ConversationTemplate(
+        "llava_v0", LLAVA_V0_MM_SYSTEM, ("Human", "Assistant"), "single", "###",
+        few_shot=(("Human", "Hi!"), ("Assistant", "Hi there!  How can I help you today?\n")),
+    ),
+    "llava_v1": ConversationTemplate("llava_v1", LLAVA_SYSTEM, ("USER", "ASSISTANT"), "two", " ", "</s>"),
+    "mistral_instruct": ConversationTemplate("mistral_instruct", "", ("USER", "ASSISTANT"), "llama_2", "", "</s>"),
+    "chatml_direct": ConversationTemplate(
+        "chatml_direct", "<|im_start|>system\nAnswer the questions.",
+        ("<|im_start|>user\n", "<|im_start|>assistant\n"), "mpt", "<|im_end|>",
+    ),
+}
+
+
+def render_conversation(template: ConversationTemplate, messages: Sequence[tuple[str, str | None]]) -> str:
+    """Render ``[(role, text), ...]`` the way ``Conversation.get_prompt`` does; a last message of ``None``
+    text is the open assistant turn (the generation prompt)."""
+    messages = list(template.few_shot) + list(messages)
+    if template.style == "single":
+        out = template.system + template.sep
+        for role, text in messages:
+            out += f"{role}: {text}{template.sep}" if text else f"{role}:"
+        return out
+    if template.style == "two":
+        seps = (template.sep, template.sep2)
+        out = template.system + seps[0]
+        for i, (role, text) in enumerate(messages):
+            out += f"{role}: {text}{seps[i % 2]}" if text else f"{role}:"
+        return out
+    if template.style == "mpt":
+        out = template.system + template.sep
+        for role, text in messages:
+            out += f"{role}{text}{template.sep}" if text else role
+        return out
+    if template.style == "llama_2":
+        out = ""
+        for i, (role, text) in enumerate(messages):
+            if not text:
+                continue
+            if i == 0 and template.system:
+                text = f"<<SYS>>\n{template.system}\n<</SYS>>\n\n{text}"
+            out += f"{template.sep}[INST] {text} [/INST]" if i % 2 == 0 else f" {text} {template.sep2}"
+        return out.lstrip(template.sep) if template.sep else out
+    raise ValueError(f"unknown template style {template.style!r}")
+
+
+def place_images(question: str, images: int, placement: str) -> str:
+    """The first user message with ``images`` markers where the checkpoint family was trained to see them.
+
+    ``before`` (v1+): ``"<image>\\n" + question`` (llava/eval/run_llava.py); ``after`` (v0):
+    ``question + "\\n" + <image>``. Markers already typed in the question are left as they are.
+    """
+    if images == 0 or IMAGE_MARKER in question:
+        return question
+    marker = IMAGE_MARKER * images
+    if placement == "before":
+        return f"{marker}\n{question}"
+    if placement == "after":
+        return f"{question}\n{marker}"
+    raise ValueError(f"placement must be 'before' or 'after', got {placement!r}")

@@ -1,0 +1,389 @@
+"""Vision tower and projector: pixels ``[B, 3, S, S]`` -> image embeddings ``[B, N, H_lm]``.
+
+The tower runs only up to the deepest selected layer (later layers and ``post_layernorm`` are never
+built), and keeps no list of hidden states unless several layers are selected. Both modules load from
+the checkpoint's own tensors onto their own device and dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llava_checkpoint import CheckpointError, LlavaSpec, WeightFiles, read_raw_config
+
+logger = logging.getLogger(__name__)
+
+BITS_TO_DTYPE = {"32": torch.float32, "16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(bits: str | int, device: torch.device) -> torch.dtype:
+    """Map a ``*_bits`` setting to a dtype. On the CPU "16" means bfloat16: CPU float16 matmuls are
+    emulated and many times slower, and bfloat16 keeps float32's range."""
+    key = str(bits).lower().replace("float", "").replace("fp", "")
+    if key not in BITS_TO_DTYPE:
+        raise ValueError(f"bits must be one of 32, 16, bf16; got {bits!r}")
+    if key == "16" and device.type == "cpu":
+        return torch.bfloat16
+    return BITS_TO_DTYPE[key]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"not a torch device: {device!r}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but CUDA is not available")
+    return resolved
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where the tower's weights come from
+
+
+@dataclass(frozen=True)
+class TowerSource:
+    """Folder holding the tower config (``config.json``) and preprocessing (``preprocessor_config.json``),
+    plus the weight folder and the key prefix of the tower's tensors in it."""
+
+    config_dir: Path
+    weights_dir: Path
+    prefixes: tuple[str, ...]
+    vision_config: dict
+
+
+# Prefixes under which each layout stores the tower (llava-formats.md §2.3, §3.2).
+HF_TOWER_PREFIXES = ("vision_tower.vision_model.", "model.vision_tower.vision_model.", "model.vision_tower.", "vision_tower.")
+ORIGINAL_TOWER_PREFIXES = ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower.vision_tower.")
+STANDALONE_TOWER_PREFIXES = ("vision_model.", "")
+
+
+def find_tower_source(spec: LlavaSpec, override: str | None = None, models_dir: str | os.PathLike | None = None) -> TowerSource:
+    """Locate the vision tower of ``spec``.
+
+    llava-hf checkpoints hold it; original checkpoints name it in ``mm_vision_tower`` and it is looked up
+    as: ``override``, a local path, ``models_dir/<org>_<name>`` (webui's naming), the Hugging Face cache,
+    then a hub download. Offline with nothing local raises CheckpointError saying what to download.
+    """
+    if spec.format == "hf" and not override:
+        vision_config = dict(spec.hf_config.get("vision_config") or {})
+        vision_config.setdefault("model_type", "clip_vision_model")
+        return TowerSource(spec.model_dir, spec.model_dir, HF_TOWER_PREFIXES, vision_config)
+    name = override or spec.vision_tower_name
+    folder = _locate_tower_folder(name, spec.model_dir, models_dir)
+    vision_config = _vision_config_of(folder)
+    if spec.vision_in_checkpoint and not override:
+        # Fine-tuned tower stored in the checkpoint (unfreeze_mm_vision_tower); config from the named tower.
+        return TowerSource(folder, spec.model_dir, ORIGINAL_TOWER_PREFIXES, vision_config)
+    return TowerSource(folder, folder, STANDALONE_TOWER_PREFIXES, vision_config)
+
+
+def _vision_config_of(folder: Path) -> dict:
+    raw = read_raw_config(folder)
+    if raw is None:
+        raise CheckpointError(f"vision tower folder {folder} has no config.json")
+    if "vision_config" in raw:  # a full CLIPModel / SiglipModel repo such as openai/clip-vit-large-patch14-336
+        vision = dict(raw["vision_config"])
+        vision.setdefault("model_type", {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}.get(raw.get("model_type"), "clip_vision_model"))
+        return vision
+    return raw
+
+
+def _locate_tower_folder(name: str, model_dir: Path, models_dir) -> Path:
+    candidates = [Path(name).expanduser()]
+    if not Path(name).is_absolute():
+        candidates.append(model_dir / name)
+    if models_dir is not None:
+        candidates.append(Path(models_dir) / name.replace("/", "_"))
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    if re.fullmatch(r"[\w.\-]+/[\w.\-]+", name):
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.txt"]
+        try:
+            return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any cache miss falls through to the download
+            pass
+        try:
+            logger.info("Downloading vision tower %s from the Hugging Face hub", name)
+            return Path(snapshot_download(name, allow_patterns=patterns))
+        except Exception as exc:  # noqa: BLE001 - offline, missing repo, auth: one clear message below
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    else:
+        reason = "no such folder"
+    where = f" or into {Path(models_dir) / name.replace('/', '_')}" if models_dir is not None else ""
+    raise CheckpointError(
+        f"vision tower {name!r} (named by mm_vision_tower) was not found locally and could not be downloaded "
+        f"({reason}). Download it with `huggingface-cli download {name}`{where}, or set the vision tower "
+        "setting to a local folder."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tower
+
+
+def _layer_count_needed(layers: tuple[int, ...], num_hidden_layers: int) -> tuple[int, tuple[int, ...]]:
+    """Convert layer indices into ``hidden_states`` positions and return how many encoder layers to run.
+
+    ``hidden_states`` has ``num_hidden_layers + 1`` entries; index k is produced after k encoder layers.
+    """
+    positions = []
+    for layer in layers:
+        position = layer if layer >= 0 else num_hidden_layers + 1 + layer
+        if not 0 <= position <= num_hidden_layers:
+            raise CheckpointError(
+                f"vision feature layer {layer} is out of range for a tower with {num_hidden_layers} layers"
+            )
+        positions.append(position)
+    return max(positions), tuple(positions)
+
+
+class VisionTower(nn.Module):
+    """CLIP (or SigLIP) vision encoder truncated after the deepest selected layer.
+
+    forward: pixels ``[B, 3, S, S]`` -> features ``[B, N, C * len(layers)]`` with N = (S/patch)² (+1 with CLS).
+    """
+
+    def __init__(self, vision_config: dict, layers: tuple[int, ...], keep_cls: bool):
+        super().__init__()
+        from transformers import AutoConfig
+
+        config_fields = dict(vision_config)
+        model_type = config_fields.pop("model_type", "clip_vision_model")
+        self.config = AutoConfig.for_model(model_type, **config_fields)
+        # sdpa is what the transformers reference picks by default; same numbers, less memory.
+        self.config._attn_implementation = "sdpa"
+        self.model_type = model_type
+        self.keep_cls = keep_cls
+        self.has_cls = model_type == "clip_vision_model"
+        depth, self.positions = _layer_count_needed(layers, self.config.num_hidden_layers)
+        self.config.num_hidden_layers = depth
+        if model_type == "clip_vision_model":
+            from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
+
+            self.embeddings = CLIPVisionEmbeddings(self.config)
+            self.pre_layrnorm = nn.LayerNorm(self.config.hidden_size, eps=self.config.layer_norm_eps)
+            self.encoder = CLIPEncoder(self.config)
+        elif model_type == "siglip_vision_model":
+            from transformers.models.siglip.modeling_siglip import SiglipEncoder, SiglipVisionEmbeddings
+
+            self.embeddings = SiglipVisionEmbeddings(self.config)
+            self.pre_layrnorm = nn.Identity()
+            self.encoder = SiglipEncoder(self.config)
+        else:
+            raise CheckpointError(f"unsupported vision tower type {model_type!r} (supported: CLIP, SigLIP)")
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        patches = (self.image_size // self.patch_size) ** 2
+        return patches + (1 if self.has_cls and self.keep_cls else 0)
+
+    @property
+    def feature_size(self) -> int:
+        return self.hidden_size * len(self.positions)
+
+    def reset_position_ids(self) -> None:
+        """Refill the non-persistent ``position_ids`` buffer, which ``to_empty`` leaves uninitialised
+        (the tower is built on the meta device so that no random init is spent on it)."""
+        buffer = self.embeddings.position_ids
+        buffer.copy_(torch.arange(buffer.shape[-1], device=buffer.device).expand_as(buffer))
+
+    def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Strictly load this (truncated) tower from tensors named like the full tower's state dict."""
+        wanted = self.state_dict()
+        missing = [k for k in wanted if k not in tensors]
+        if missing:
+            raise CheckpointError(
+                f"vision tower weights in {source} lack {len(missing)} tensors (first: {missing[:3]}); "
+                "the tower does not match its config"
+            )
+        for key, value in wanted.items():
+            if tensors[key].shape != value.shape:
+                raise CheckpointError(
+                    f"vision tower tensor {key} in {source} has shape {tuple(tensors[key].shape)}, "
+                    f"the config expects {tuple(value.shape)}"
+                )
+        self.load_state_dict({k: tensors[k] for k in wanted}, strict=True)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixels ``[B, 3, S, S]`` (any float dtype) -> ``[B, N, C * len(layers)]`` in the tower's dtype."""
+        dtype = self.embeddings.patch_embedding.weight.dtype
+        hidden = self.pre_layrnorm(self.embeddings(pixel_values.to(dtype)))
+        captured = {0: hidden} if 0 in self.positions else {}
+        for index, layer in enumerate(self.encoder.layers, start=1):
+            hidden = layer(hidden, None)
+            if index in self.positions:
+                captured[index] = hidden
+        features = [captured[p] for p in self.positions]
+        if self.has_cls and not self.keep_cls:
+            features = [f[:, 1:] for f in features]
+        return features[0] if len(features) == 1 else torch.cat(features, dim=-1)
+
+
+def tower_state_keys(vision_config: dict, layers: tuple[int, ...]) -> list[str]:
+    """State-dict keys of the truncated tower (used to read only the needed tensors)."""
+    with torch.device("meta"):
+        tower = VisionTower(vision_config, layers, keep_cls=True)
+    return list(tower.state_dict().keys())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Projector
+
+
+class Projector(nn.Module):
+    """Vision features ``[..., C_in]`` -> language-model embeddings ``[..., H_lm]``.
+
+    ``linear``: one Linear. ``mlpNx_gelu``: N Linears with exact-erf GELU between them (original
+    builder). ``identity``: passthrough. ``hf``: ``linear_1 -> act -> linear_2`` (llava-hf).
+    """
+
+    def __init__(self, kind: str, in_features: int, out_features: int, act: str = "gelu", bias: bool = True):
+        super().__init__()
+        self.kind = kind
+        if kind == "identity":
+            self.layers = nn.Sequential()
+        elif kind == "linear":
+            self.layers = nn.Sequential(nn.Linear(in_features, out_features, bias=bias))
+        elif kind == "hf":
+            from transformers.activations import ACT2FN
+
+            if act not in ACT2FN:
+                raise CheckpointError(f"unknown projector_hidden_act {act!r}")
+            self.layers = nn.Sequential(
+                nn.Linear(in_features, out_features, bias=bias), ACT2FN[act], nn.Linear(out_features, out_features, bias=bias)
+            )
+        else:
+            match = re.fullmatch(r"mlp(\d+)x_gelu", kind)
+            if not match:
+                raise CheckpointError(f"unknown mm_projector_type {kind!r} (known: linear, mlpNx_gelu, identity)")
+            modules: list[nn.Module] = [nn.Linear(in_features, out_features)]
+            for _ in range(1, int(match.group(1))):
+                modules += [nn.GELU(), nn.Linear(out_features, out_features)]
+            self.layers = nn.Sequential(*modules)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+    @property
+    def out_features(self) -> int | None:
+        linears = [m for m in self.layers if isinstance(m, nn.Linear)]
+        return linears[-1].out_features if linears else None
+
+
+# Checkpoint projector keys -> Projector state-dict keys.
+HF_PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
+HF_PROJECTOR_RENAMES = {"linear_1.": "layers.0.", "linear_2.": "layers.2."}
+ORIGINAL_PROJECTOR_PREFIX = "model.mm_projector."
+
+
+def read_projector_tensors(spec: LlavaSpec, weights: WeightFiles) -> dict[str, torch.Tensor]:
+    """Projector tensors renamed to :class:`Projector` keys."""
+    if spec.projector_type == "identity":
+        return {}
+    if spec.format == "hf":
+        prefix = weights.find_prefix(HF_PROJECTOR_PREFIXES, "linear_1.weight")
+        if prefix is None:
+            raise CheckpointError(f"no multi_modal_projector.linear_1.weight in {weights.folder}")
+        renamed = {}
+        for key, tensor in weights.read_prefix(prefix).items():
+            for old, new in HF_PROJECTOR_RENAMES.items():
+                if key.startswith(old):
+                    renamed[new + key[len(old):]] = tensor
+        return renamed
+    tensors = weights.read_prefix(ORIGINAL_PROJECTOR_PREFIX)
+    if not tensors:
+        raise CheckpointError(
+            f"no model.mm_projector.* tensors in {weights.folder}; this checkpoint has no projector "
+            "(a delta or an LLM-only checkpoint?)"
+        )
+    if spec.projector_type == "linear":
+        return {f"layers.0.{k}": v for k, v in tensors.items()}
+    return {f"layers.{k}": v for k, v in tensors.items()}
+
+
+def load_vision_modules(
+    spec: LlavaSpec,
+    source: TowerSource,
+    *,
+    tower_device: torch.device,
+    tower_dtype: torch.dtype,
+    projector_device: torch.device,
+    projector_dtype: torch.dtype,
+    lm_hidden_size: int,
+) -> tuple[VisionTower, Projector]:
+    """Build the truncated tower and the projector and load their tensors (and nothing else)."""
+    started = time.perf_counter()
+    with torch.device("meta"):
+        tower = VisionTower(source.vision_config, spec.vision_feature_layers, spec.keep_cls)
+    tower_weights = WeightFiles(source.weights_dir)
+    probe = "embeddings.patch_embedding.weight"
+    prefix = tower_weights.find_prefix(source.prefixes, probe)
+    if prefix is None:
+        raise CheckpointError(f"no vision tower tensors ({'|'.join(source.prefixes)}{probe}) in {source.weights_dir}")
+    wanted = [prefix + k for k in tower.state_dict()]
+    tensors = {k[len(prefix):]: v for k, v in tower_weights.read([k for k in wanted if k in tower_weights]).items()}
+    tower = tower.to_empty(device="cpu")
+    tower.reset_position_ids()
+    tower.load_weights(tensors, str(source.weights_dir))
+    tower = tower.to(device=tower_device, dtype=tower_dtype).eval().requires_grad_(False)
+
+    weights = tower_weights if source.weights_dir == spec.model_dir else WeightFiles(spec.model_dir)
+    projector_tensors = read_projector_tensors(spec, weights)
+    in_features = projector_tensors["layers.0.weight"].shape[1] if projector_tensors else tower.feature_size
+    if in_features != tower.feature_size:
+        raise CheckpointError(
+            f"projector input width {in_features} does not match the vision tower's feature width "
+            f"{tower.feature_size} ({tower.hidden_size} x {len(tower.positions)} layers); hint: the vision tower "
+            "setting or mm_vision_tower names a different tower than the one this projector was trained with"
+        )
+    out_features = lm_hidden_size if spec.projector_type == "identity" else None
+    if out_features is None:
+        last = max(int(k.split(".")[1]) for k in projector_tensors if k.endswith("weight"))
+        out_features = projector_tensors[f"layers.{last}.weight"].shape[0]
+    if out_features != lm_hidden_size:
+        raise CheckpointError(
+            f"projector output width {out_features} does not match the language model's embedding width "
+            f"{lm_hidden_size}; hint: the loaded language model is not the one this projector belongs to"
+        )
+    with torch.device("meta"):
+        projector = Projector(spec.projector_type, in_features, out_features, spec.projector_act, spec.projector_bias)
+    projector = projector.to_empty(device="cpu")
+    try:
+        projector.load_state_dict(projector_tensors, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"projector tensors in {spec.model_dir} do not fit {spec.projector_type}: {exc}") from exc
+    projector = projector.to(device=projector_device, dtype=projector_dtype).eval().requires_grad_(False)
+    logger.info(
+        "Loaded vision tower (%s, %d of %d layers kept, %s %s) and %s projector (%s %s) in %.2f s",
+        source.config_dir.name, tower.config.num_hidden_layers,
+        int(source.vision_config.get("num_hidden_layers", tower.config.num_hidden_layers)),
+        tower_device, str(tower_dtype).replace("torch.", ""), spec.projector_type, projector_device,
+        str(projector_dtype).replace("torch.", ""), time.perf_counter() - started,
+    )
+    return tower, projector

@@ -1,0 +1,37 @@
+"""Shared pytest setup: import paths, a pinned torch environment and the tiny LLaVA checkpoints."""
+
+import os
+import sys
+from pathlib import Path
+
+# Nothing in the suite may reach a model hub; set before transformers is imported anywhere.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+EXTENSION_DIR = REPO_ROOT / "extensions" / "llava"
+
+# Project modules import each other as top-level names (`import llava_pipeline`), as webui's script.py
+# arranges at run time; test helpers such as `tiny_llava` live next to this file.
+for import_dir in (TESTS_DIR, EXTENSION_DIR):
+    if str(import_dir) in sys.path:
+        sys.path.remove(str(import_dir))
+    sys.path.insert(0, str(import_dir))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import tiny_llava  # noqa: E402
+
+torch.set_default_dtype(torch.float32)
+torch.manual_seed(0)
+# The suite targets 2-core CI machines; more threads only add contention for these tiny shapes.
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> tiny_llava.TinyCheckpoints:
+    """One seeded tiny random LLaVA written in every supported on-disk format (see tests/tiny_llava.py)."""
+    return tiny_llava.write_tiny_checkpoints(tmp_path_factory.mktemp("tiny_llava"), seed=0)

@@ -1,0 +1,327 @@
+"""Start and drive a real text-generation-webui ("webui") as a subprocess, for opt-in integration tests.
+
+Nothing here imports webui: webui runs in its own interpreter (``$WEBUI_PYTHON``, a venv made by
+``tools/setup_webui_host.sh``) from its own checkout (``$WEBUI_DIR``, commit ``1dcde41d``).
+Every server binds loopback only (no ``--listen``) and every request has a timeout.
+
+Isolation: each server gets a private copy of ``$WEBUI_DIR/user_data`` (``--user-data-dir``), so models,
+extension links, ``settings.yaml`` and webui's autosaves land in a temporary folder, not in the checkout.
+``user_data/extensions/<name>/script.py`` is how webui finds a user extension (``modules/utils.py``
+``get_available_extensions``; loaded by file path as module ``user_ext_<name>``).
+
+This module is test support, not a test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WEBUI_DIR_ENV = "WEBUI_DIR"
+WEBUI_PYTHON_ENV = "WEBUI_PYTHON"
+# Startup measured at 8-15 s on 2 CPU cores; the bound leaves room for a loaded CI machine.
+DEFAULT_READY_TIMEOUT_S = 180.0
+DEFAULT_REQUEST_TIMEOUT_S = 120.0
+
+# webui prints the API address once uvicorn is about to serve (modules/api/script.py run_server).
+_API_URL_PATTERN = re.compile(r"http://127\.0\.0\.1:(\d+)/v1")
+
+# A Vicuna / LLaVA-1.5 style template: what llava-hf checkpoints ship, and what webui turns into its
+# instruction template when it finds chat_template.jinja next to tokenizer_config.json.
+LLAVA_STYLE_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}USER: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ message['content'] }}{{ eos_token }}\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class WebuiHost:
+    """A webui checkout and the interpreter that runs it."""
+
+    webui_dir: Path
+    python: Path
+
+
+def host_from_env() -> tuple[WebuiHost | None, str]:
+    """Return ``(host, "")`` when ``$WEBUI_DIR`` and ``$WEBUI_PYTHON`` name a usable host, else ``(None, why)``."""
+    webui_dir = os.environ.get(WEBUI_DIR_ENV, "")
+    python = os.environ.get(WEBUI_PYTHON_ENV, "")
+    if not webui_dir or not python:
+        return None, f"set {WEBUI_DIR_ENV} (webui checkout) and {WEBUI_PYTHON_ENV} (its python) to run"
+    webui_path = Path(webui_dir).resolve()
+    if not (webui_path / "server.py").is_file() or not (webui_path / "modules" / "extensions.py").is_file():
+        return None, f"{WEBUI_DIR_ENV}={webui_dir} is not a text-generation-webui checkout (no server.py)"
+    python_path = Path(python)
+    if not python_path.is_file() or not os.access(python_path, os.X_OK):
+        return None, f"{WEBUI_PYTHON_ENV}={python} is not an executable file"
+    return WebuiHost(webui_dir=webui_path, python=python_path), ""
+
+
+def free_loopback_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def make_user_data_dir(host: WebuiHost, destination: Path, settings: dict | None = None) -> Path:
+    """Copy the checkout's ``user_data`` skeleton (presets, templates, characters) to ``destination``.
+
+    ``settings`` is written as ``settings.yaml`` (JSON is valid YAML), which webui loads at startup.
+    Returns ``destination``.
+    """
+    source = host.webui_dir / "user_data"
+    # models/cache/logs may be large or personal in a used checkout; the tests bring their own.
+    shutil.copytree(source, destination, ignore=shutil.ignore_patterns("models", "cache", "logs", "settings.yaml"))
+    (destination / "models").mkdir(exist_ok=True)
+    (destination / "extensions").mkdir(exist_ok=True)
+    if settings:
+        (destination / "settings.yaml").write_text(json.dumps(settings, indent=1), encoding="utf-8")
+    return destination
+
+
+def link_user_extension(user_data_dir: Path, name: str, extension_dir: Path) -> Path:
+    """Symlink ``extension_dir`` as ``<user_data_dir>/extensions/<name>``; returns the link."""
+    if not (extension_dir / "script.py").is_file():
+        raise FileNotFoundError(f"{extension_dir} has no script.py; webui would not list it as an extension")
+    link = user_data_dir / "extensions" / name
+    link.symlink_to(extension_dir.resolve(), target_is_directory=True)
+    return link
+
+
+def write_tiny_llama(model_dir: Path, seed: int = 0) -> Path:
+    """Write a tiny random ``LlamaForCausalLM`` webui can load with ``--loader Transformers --cpu``.
+
+    hidden 64, 2 layers, 4 heads, intermediate 128, 2048 positions; a byte-level BPE tokenizer trained
+    here (``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<pad>``=3, ``<s>`` prepended by the post-processor) and
+    :data:`LLAVA_STYLE_CHAT_TEMPLATE` as ``chat_template.jinja``. Needs torch, transformers, tokenizers.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    words = ["red", "green", "blue", "square", "circle", "picture", "image", "what", "is", "in", "this",
+             "describe", "the", "a", "colour", "USER", "ASSISTANT", "and", "of", "it", "<__media__>"]
+    rng = random.Random(seed)
+    corpus = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(400)]
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>", model_max_length=2048)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(model_dir)
+    (model_dir / "chat_template.jinja").write_text(LLAVA_STYLE_CHAT_TEMPLATE, encoding="utf-8")
+
+    config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    return model_dir
+
+
+@dataclass
+class WebuiServer:
+    """One webui process. Use as a context manager: it is stopped (and killed if need be) on exit.
+
+    ``model`` is a folder name under ``<user_data_dir>/models`` or ``None`` (start without a model).
+    ``nowebui`` skips the Gradio UI (webui then serves only the API).
+    """
+
+    host: WebuiHost
+    user_data_dir: Path
+    log_path: Path
+    model: str | None = None
+    extensions: tuple[str, ...] = ()
+    nowebui: bool = True
+    extra_args: tuple[str, ...] = ()
+    api_port: int = 0
+    ui_port: int = 0
+    api_key: str = field(default_factory=lambda: secrets.token_hex(8))
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    ready_after_s: float | None = None
+
+    def command(self) -> list[str]:
+        args = [str(self.host.python), "server.py",
+                "--user-data-dir", str(self.user_data_dir),
+                "--model-dir", str(self.user_data_dir / "models"),
+                "--loader", "Transformers", "--cpu",
+                "--api", "--api-port", str(self.api_port), "--api-key", self.api_key]
+        if self.model is not None:
+            args += ["--model", self.model]
+        if self.extensions:
+            args += ["--extensions", *self.extensions]
+        if self.nowebui:
+            args.append("--nowebui")
+        else:
+            args += ["--listen-port", str(self.ui_port)]
+        return args + list(self.extra_args)
+
+    def start(self) -> "WebuiServer":
+        if not self.api_port:
+            self.api_port = free_loopback_port()
+        if not self.nowebui and not self.ui_port:
+            self.ui_port = free_loopback_port()
+        env = dict(os.environ)
+        env.update({
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "GRADIO_ANALYTICS_ENABLED": "False",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "DO_NOT_TRACK": "1",
+            # webui logs through rich, which wraps at 80 columns when not on a terminal; one record per
+            # line keeps the log greppable.
+            "COLUMNS": "4000",
+            # Keep loopback requests away from any proxy the caller's environment sets.
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+        })
+        # Our pytest's sys.path must not leak into webui's interpreter.
+        env.pop("PYTHONPATH", None)
+        log_file = open(self.log_path, "wb")
+        try:
+            self.started_at = time.monotonic()
+            # A new session makes the process group ours to signal as a whole (webui may spawn helpers).
+            self.process = subprocess.Popen(self.command(), cwd=self.host.webui_dir, env=env,
+                                            stdin=subprocess.DEVNULL, stdout=log_file,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            log_file.close()
+        return self
+
+    def log_text(self) -> str:
+        """The server's stdout and stderr so far, trailing padding stripped from each line."""
+        try:
+            raw = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        # rich pads every console line to the full width (COLUMNS).
+        return "\n".join(line.rstrip() for line in raw.splitlines())
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_text()[-chars:]
+
+    def wait_ready(self, timeout_s: float = DEFAULT_READY_TIMEOUT_S) -> float:
+        """Poll until the API (and the UI unless ``nowebui``) answer; returns seconds since start.
+
+        Raises ``RuntimeError`` with the log tail if the process exits or ``timeout_s`` passes.
+        """
+        deadline = self.started_at + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"webui exited with code {self.process.returncode} during startup:\n"
+                                   f"{self.log_tail()}")
+            # webui moves to another port if ours was taken in between; the log says which it used.
+            announced = _API_URL_PATTERN.findall(self.log_text())
+            if announced:
+                self.api_port = int(announced[-1])
+            if self._api_ready() and (self.nowebui or self._ui_ready()):
+                self.ready_after_s = time.monotonic() - self.started_at
+                return self.ready_after_s
+            time.sleep(0.25)
+        raise RuntimeError(f"webui not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def _api_ready(self) -> bool:
+        try:
+            status, _ = self.request("GET", "/v1/internal/health", timeout_s=2.0)
+        except (OSError, urllib.error.URLError):
+            return False
+        return status == 200
+
+    def _ui_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ui_port}/", timeout=2.0) as response:
+                return response.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def request(self, method: str, path: str, body: dict | None = None,
+                timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> tuple[int, dict | str]:
+        """One HTTP request to the API on loopback; returns ``(status, parsed JSON or text)``."""
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        request = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=data, method=method)
+        request.add_header("Authorization", f"Bearer {self.api_key}")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        # Loopback only, so bypass proxies explicitly rather than trusting the environment.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(request, timeout=timeout_s) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as error:
+            status, raw = error.code, error.read()
+        text = raw.decode("utf-8", errors="replace")
+        try:
+            return status, json.loads(text)
+        except ValueError:
+            return status, text
+
+    def chat(self, messages: list[dict], max_tokens: int = 16, **extra) -> dict:
+        """POST ``/v1/chat/completions`` (non-streaming, seeded, bounded length); returns the JSON reply."""
+        body = {"messages": messages, "max_tokens": max_tokens, "seed": 1234, "stream": False, **extra}
+        status, reply = self.request("POST", "/v1/chat/completions", body)
+        if status != 200 or not isinstance(reply, dict):
+            raise RuntimeError(f"/v1/chat/completions answered {status}: {str(reply)[:1000]}\n{self.log_tail()}")
+        return reply
+
+    def load_model(self, model: str, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:
+        """Load ``model`` through ``/v1/internal/model/load`` (Transformers loader, CPU)."""
+        body = {"model_name": model, "args": {"loader": "Transformers", "cpu": True}}
+        status, reply = self.request("POST", "/v1/internal/model/load", body, timeout_s=timeout_s)
+        if status != 200:
+            raise RuntimeError(f"model load answered {status}: {str(reply)[:1000]}\n{self.log_tail()}")
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGINT (webui's graceful path), then SIGKILL to the process group; returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGINT)
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+            except ProcessLookupError:
+                pass
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(timeout=timeout_s)
+        return self.process.returncode
+
+    def __enter__(self) -> "WebuiServer":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()

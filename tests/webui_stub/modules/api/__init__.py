@@ -1,0 +1,1 @@
+"""Stand-in for webui's ``modules/api`` (OpenAI-compatible API), request handling only."""

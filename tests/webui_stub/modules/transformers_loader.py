@@ -1,0 +1,121 @@
+"""``load_model_HF`` / ``load_tokenizer`` as in webui modules/transformers_loader.py @1dcde41d.
+
+The ``from_pretrained`` keyword arguments are the real ones (key ``torch_dtype``, not ``dtype``),
+so a class registered with ``AutoModelForCausalLM.register`` can be tested through the same call.
+"""
+from pathlib import Path
+
+from modules import shared
+from modules.logging_colors import logger
+
+
+def load_tokenizer(model_name, tokenizer_dir=None):
+    from transformers import AutoTokenizer
+
+    path = Path(tokenizer_dir) if tokenizer_dir else Path(shared.args.model_dir) / model_name
+    if not path.exists():
+        return None
+
+    return AutoTokenizer.from_pretrained(
+        path,
+        trust_remote_code=shared.original_args.trust_remote_code,
+        use_fast=not shared.args.no_use_fast,
+    )
+
+
+def load_model_HF(model_name):
+    import torch
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        BitsAndBytesConfig
+    )
+
+    torch._dynamo.config.disable = True  # transformers_loader.py:106, process-wide
+
+    path = Path(shared.args.model_dir) / model_name
+    params = {
+        'low_cpu_mem_usage': True,
+        'attn_implementation': shared.args.attn_implementation,
+    }
+    if shared.original_args.trust_remote_code:
+        params['trust_remote_code'] = True
+    if shared.args.force_safetensors:
+        params['force_safetensors'] = True
+
+    # :120, before any model class is chosen: an unknown model_type fails here.
+    config = AutoConfig.from_pretrained(path, trust_remote_code=shared.original_args.trust_remote_code)
+
+    # :122-131: --bf16, else the config's dtype if half precision, else float16; never float32 here.
+    if shared.args.bf16:
+        params['torch_dtype'] = torch.bfloat16
+    else:
+        dtype = getattr(config, 'torch_dtype', None) or getattr(getattr(config, 'text_config', None), 'torch_dtype', None)
+        params['torch_dtype'] = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+    # :133-140
+    if 'chatglm' in model_name.lower():
+        loader_class = AutoModel
+    elif config.to_dict().get('is_encoder_decoder', False):
+        loader_class = AutoModelForSeq2SeqLM
+        shared.is_seq2seq = True
+    else:
+        loader_class = AutoModelForCausalLM
+
+    default_loading = not any([shared.args.cpu, shared.args.load_in_8bit, shared.args.load_in_4bit,
+                               shared.args.disk, shared.args.cpu_memory is not None])
+    # Note: cpu_memory defaults to 0, not None (shared.py:118), so ``default_loading`` is always
+    # False in webui too and the branch below is the one that runs (:143-149, :166-214).
+    if default_loading:
+        params['device_map'] = 'auto'
+        logger.info(f'TRANSFORMERS_PARAMS={params}')
+        model = loader_class.from_pretrained(path, **params)
+        device = getattr(model, 'device', None)
+        if device is not None and not getattr(model, 'is_loaded_in_4bit', False):
+            model = model.to(device)
+        return model
+
+    if not shared.args.cpu and not torch.cuda.is_available():
+        logger.warning('No GPU has been detected. Falling back to CPU mode.')
+        shared.args.cpu = True  # :167-169
+
+    if shared.args.cpu:
+        params['torch_dtype'] = torch.float32  # :171-172: no device_map
+    else:
+        params['device_map'] = 'auto'
+        max_memory = get_max_memory_dict()
+        if max_memory:
+            params['max_memory'] = max_memory
+        if shared.args.load_in_4bit:
+            compute_dtype = getattr(torch, shared.args.compute_dtype) if shared.args.compute_dtype in ('bfloat16', 'float16', 'float32') else None
+            params['quantization_config'] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_compute_dtype=compute_dtype,
+                bnb_4bit_quant_type=shared.args.quant_type,
+                bnb_4bit_use_double_quant=shared.args.use_double_quant,
+                llm_int8_enable_fp32_cpu_offload=True,
+            )
+        elif shared.args.load_in_8bit:
+            # :190-206 also builds an explicit device_map via init_empty_weights when max_memory is set.
+            if shared.args.gpu_split:
+                params['quantization_config'] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=True)
+            else:
+                params['quantization_config'] = BitsAndBytesConfig(load_in_8bit=True)
+        if shared.args.disk:
+            params['offload_folder'] = str(Path(shared.args.disk_cache_dir))
+
+    logger.info(f'TRANSFORMERS_PARAMS={params}')
+    return loader_class.from_pretrained(path, **params)
+
+
+def get_max_memory_dict():
+    max_memory = {}
+    if shared.args.cpu_memory > 0:
+        max_memory['cpu'] = f'{shared.args.cpu_memory}GiB'
+    if shared.args.gpu_split:
+        for i, memory in enumerate(shared.args.gpu_split.split(',')):
+            max_memory[i] = f'{memory}GiB'
+
+    return max_memory or None
