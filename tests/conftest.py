@@ -35,3 +35,11 @@ torch.set_num_threads(2)
 def tiny_checkpoints(tmp_path_factory) -> tiny_llava.TinyCheckpoints:
     """One seeded tiny random LLaVA written in every supported on-disk format (see tests/tiny_llava.py)."""
     return tiny_llava.write_tiny_checkpoints(tmp_path_factory.mktemp("tiny_llava"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_next_checkpoints(tmp_path_factory):
+    """Seeded tiny LLaVA-NeXT (llava-hf and original 1.6) and Llava-family variants (tests/tiny_llava_next.py)."""
+    import tiny_llava_next
+
+    return tiny_llava_next.write_tiny_next_checkpoints(tmp_path_factory.mktemp("tiny_llava_next"), seed=0)

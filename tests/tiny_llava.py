@@ -27,6 +27,8 @@ paths). This module is test support, not a test.
 
 from __future__ import annotations
 
+import shutil
+import sys
 import json
 import random
 from dataclasses import dataclass
@@ -809,3 +811,28 @@ def make_test_image(width: int, height: int, seed: int = 0) -> Image.Image:
     pixels = 0.6 * pixels + 0.4 * blocks[block_rows][:, block_cols]
     array = (pixels * 255).round().clamp(0, 255).to(torch.uint8).numpy()
     return Image.fromarray(array)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python tests/tiny_llava.py DIR`: write the tiny checkpoints and a demo image `DIR/demo.png`, for
+    trying the CLI or webui offline. Logs the folders written (stderr)."""
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.root.exists() and any(args.root.iterdir()):
+        shutil.rmtree(args.root)
+    checkpoints = write_tiny_checkpoints(args.root, seed=args.seed)
+    make_test_image(96, 64, seed=args.seed).save(args.root / "demo.png")
+    for name in ("v0", "v15", "hf", "hf5"):
+        logging.getLogger("tiny_llava").info("%s checkpoint: %s", name, getattr(checkpoints, name))
+    logging.getLogger("tiny_llava").info("demo image: %s", args.root / "demo.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

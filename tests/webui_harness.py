@@ -128,6 +128,8 @@ class WebuiHarness:
         self._tmp = Path(tempfile.mkdtemp(prefix='webui_harness_'))
         self._image_count = 0
         self._closed = False
+        self.history = {'internal': [], 'visible': [], 'metadata': {}}
+        self._recorder = None
 
         # webui silences transformers below ERROR for the whole process (transformers_loader.py:24);
         # restored in close().
@@ -135,13 +137,16 @@ class WebuiHarness:
         self._transformers_verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()
 
-        self._reset_shared(model, tokenizer, settings or {}, args or {}, user_data_dir, model_name)
-        self._install_generate_recorder(model)
-        self.extension = self._load_extension(load_as)
-        if record_hooks:
-            self._wrap_hooks(self.extension)
-
-        self.history = self.new_chat()
+        try:
+            self._reset_shared(model, tokenizer, settings or {}, args or {}, user_data_dir, model_name)
+            self._install_generate_recorder(model)
+            self.extension = self._load_extension(load_as)
+            if record_hooks:
+                self._wrap_hooks(self.extension)
+            self.history = self.new_chat()
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ setup
 
@@ -195,6 +200,7 @@ class WebuiHarness:
             return output
 
         model.generate = recording_generate
+        self._recorder = recording_generate
 
     def _purge_modules(self, prefix):
         for module_name in list(sys.modules):
@@ -228,8 +234,8 @@ class WebuiHarness:
 
         module = extensions.state[self.name][2]
         if Path(module.__file__).resolve() != expected_script.resolve():
-            raise RuntimeError(f'loaded {module.__file__}, expected {expected_script}: another '
-                               f'"extensions/{self.name}" folder comes first on sys.path')
+            raise RuntimeError(f'loaded {module.__file__} instead of {expected_script} (a user_data copy wins over '
+                               f'extensions/, and the first extensions/ folder on sys.path wins)')
         return module
 
     def _wrap_hooks(self, module):
@@ -391,7 +397,7 @@ class WebuiHarness:
         if self._closed:
             return
         self._closed = True
-        if 'generate' in vars(self.model):
+        if self._recorder is not None and vars(self.model).get('generate') is self._recorder:
             del self.model.generate
         import transformers
         transformers.logging.set_verbosity(self._transformers_verbosity)

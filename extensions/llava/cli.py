@@ -82,6 +82,11 @@ def run(args) -> str:
     if spec is None:
         raise ValueError(f"{args.model} is not a LLaVA checkpoint (its config.json has no LLaVA fields)")
 
+    marker = spec.image_token_text or "<image>"
+    if args.raw:
+        # Check the marker count now: a mismatch must not wait for the model to load.
+        split_on_marker(args.prompt, len(args.image), marker)
+
     settings = VisionSettings(
         clip_bits=args.clip_bits, clip_device=args.clip_device, projector_bits=args.projector_bits,
         projector_device=args.projector_device, vision_tower=args.vision_tower,
@@ -101,7 +106,6 @@ def run(args) -> str:
     pipeline = LlavaPipeline.load(model_dir, settings, lm_hidden_size=model.config.hidden_size)
     logger.info("Vision: %s", pipeline.describe())
 
-    marker = spec.image_token_text or "<image>"
     if args.raw:
         prompt_text = args.prompt
     elif spec.format == "hf":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,9 @@ IM_END_TEXT = "<im_end>"
 
 # Model types written by the original LLaVA code for its flat configs.
 ORIGINAL_TEXT_MODEL_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
-HF_LLAVA_MODEL_TYPES = {"llava"}
+HF_LLAVA_MODEL_TYPES = {"llava", "llava_next"}
+# transformers LlavaNextConfig default (read as (height, width) there).
+DEFAULT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
 class CheckpointError(ValueError):
@@ -67,6 +70,9 @@ class LlavaSpec:
     use_im_start_end: bool
     default_placement: str  # "after" (v0) or "before" (v1+): where an unplaced image goes
     template: str | None  # conversation template name for original checkpoints
+    anyres: bool = False  # LLaVA-NeXT tiling (llava_next.py)
+    grid_pinpoints: tuple = ()
+    patch_merge_type: str = "flat"  # original: flat | spatial | spatial_unpad; llava-hf NeXT: spatial_unpad
     hf_config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     raw_config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -142,6 +148,9 @@ def _read_hf_spec(model_dir: Path, config: dict) -> LlavaSpec:
         raise CheckpointError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
     image_token_id = config.get("image_token_index", config.get("image_token_id", 32000))
     processor = _read_json(model_dir / "processor_config.json") if (model_dir / "processor_config.json").is_file() else {}
+    is_next = config.get("model_type") == "llava_next"
+    if is_next and not config.get("use_image_newline_parameter", True):
+        raise CheckpointError("llava_next checkpoints without image_newline (use_image_newline_parameter false) are not supported")
     return LlavaSpec(
         model_dir=model_dir,
         format="hf",
@@ -161,6 +170,9 @@ def _read_hf_spec(model_dir: Path, config: dict) -> LlavaSpec:
         use_im_start_end=False,
         default_placement="before",
         template=None,
+        anyres=is_next,
+        grid_pinpoints=_pinpoints(config.get("image_grid_pinpoints", DEFAULT_GRID_PINPOINTS)) if is_next else (),
+        patch_merge_type="spatial_unpad" if is_next else "flat",
         hf_config=config,
         raw_config=config,
     )
@@ -174,8 +186,9 @@ def _read_original_spec(model_dir: Path, config: dict, fmt: str) -> LlavaSpec:
     if select_feature not in ("patch", "cls_patch"):
         raise CheckpointError(f"mm_vision_select_feature must be 'patch' or 'cls_patch', got {select_feature!r}")
     aspect = config.get("image_aspect_ratio", "square")
-    if aspect == "anyres":
-        raise CheckpointError("image_aspect_ratio 'anyres' (LLaVA-1.6) is not supported yet")
+    merge_type = config.get("mm_patch_merge_type", "flat")
+    if merge_type not in ("flat", "spatial", "spatial_unpad"):
+        raise CheckpointError(f"mm_patch_merge_type must be flat, spatial or spatial_unpad; got {merge_type!r}")
     if fmt == "v0":
         # v0 code always used hidden_states[layer][:, 1:] and a single Linear (7ace501 llava.py:51,129-137).
         select_feature = "patch"
@@ -202,8 +215,21 @@ def _read_original_spec(model_dir: Path, config: dict, fmt: str) -> LlavaSpec:
         use_im_start_end=bool(config.get("mm_use_im_start_end", fmt == "v0")),
         default_placement="after" if fmt == "v0" else "before",
         template=default_template_name(model_dir.name, fmt, text_model_type),
+        anyres=aspect == "anyres",
+        grid_pinpoints=_pinpoints(config.get("image_grid_pinpoints", DEFAULT_GRID_PINPOINTS)) if aspect == "anyres" else (),
+        patch_merge_type=merge_type,
         raw_config=config,
     )
+
+
+def _pinpoints(value) -> tuple:
+    """``image_grid_pinpoints`` as a tuple of pairs (original configs may store the list as a string)."""
+    from llava_preprocess import parse_grid_pinpoints
+
+    try:
+        return parse_grid_pinpoints(value)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
 
 
 def default_template_name(dir_name: str, fmt: str, text_model_type: str) -> str:
@@ -300,10 +326,23 @@ def _torch_load(path: Path) -> dict:
     import torch
 
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # Files written with the legacy (non-zip) serialisation cannot be memory-mapped.
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            # Files written with the legacy (non-zip) serialisation cannot be memory-mapped.
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _refused_pickle_error(path, exc) from exc
+
+
+def _refused_pickle_error(path, exc: pickle.UnpicklingError) -> CheckpointError:
+    """torch's own message suggests ``weights_only=False``, which would run the file's code: never do that."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    culprit = f" (it references {found.group(1)})" if found else ""
+    return CheckpointError(
+        f"{path} holds pickled objects other than tensors{culprit}; refusing to load it, since unpickling "
+        "them could run arbitrary code. Use a safetensors copy of this checkpoint from a source you trust."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -392,6 +431,8 @@ def _from_pretrained_quietly(auto_class, model_dir: Path, config, kwargs: dict):
     hf_logging.set_verbosity_error()
     try:
         model, info = auto_class.from_pretrained(str(model_dir), config=config, output_loading_info=True, **kwargs)
+    except pickle.UnpicklingError as exc:  # transformers reads .bin files with weights_only=True as well
+        raise _refused_pickle_error(model_dir, exc) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("rotary_emb.inv_freq")]
@@ -413,10 +454,10 @@ def register_with_transformers() -> None:
     webui's Transformers loader uses ``AutoModelForCausalLM``, which refuses ``model_type: llava`` and
     whose ``AutoConfig`` refuses ``llava_llama`` / ``llava_mistral``. Registering is idempotent and cheap.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlavaConfig, MistralConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlavaConfig, LlavaNextConfig, MistralConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    config_classes = [LlavaConfig]
+    config_classes = [LlavaConfig, LlavaNextConfig]
     for model_type, base in (("llava_llama", LlamaConfig), ("llava_mistral", MistralConfig)):
         if model_type in CONFIG_MAPPING:
             config_classes.append(CONFIG_MAPPING[model_type])

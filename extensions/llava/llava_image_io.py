@@ -26,10 +26,11 @@ logger = logging.getLogger(__name__)
 # DecompressionBombWarning threshold (~89 MP) so a refused image does not also trigger PIL's warning.
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
-# Raster formats we let PIL try. An allowlist keeps exotic or risky plugins off the request path
-# (EPS shells out to Ghostscript; FITS, GRIB, PSD, ... are never chat images).
+# Raster formats we let PIL try (JPEG includes multi-picture MPO; AVIF and HEIF only where this Pillow
+# build or a plugin such as pillow-heif provides them). An allowlist keeps exotic or risky plugins off
+# the request path (EPS shells out to Ghostscript; FITS, GRIB, PSD, ... are never chat images).
 ACCEPTED_FORMATS = (
-    "PNG", "JPEG", "MPO", "GIF", "WEBP", "BMP", "DIB", "TIFF", "ICO", "PPM", "TGA", "AVIF", "JPEG2000",
+    "PNG", "JPEG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "ICO", "PPM", "TGA", "JPEG2000", "AVIF", "HEIF",
 )
 
 # How many leading bytes we look at to recognise SVG (an XML prolog and comments may come first).
@@ -56,7 +57,10 @@ def load_image(
 
     Args:
         source: a file path (str or PathLike), raw encoded bytes, a ``data:image/...;base64,...`` URL, or a
-            PIL image (used at its current frame and not modified; a converted copy is returned).
+            PIL image (used at its current frame and not modified; a converted copy is returned). A data
+            URL must declare an ``image/*`` type (anything else, or none, is refused); an image type that
+            names another image format than the content (a PNG sent as image/jpeg) is accepted, since the
+            content decides, and logged at debug level.
         name: how the image is called in error messages, e.g. ``"image 2 (cat.png)"``.
         max_pixels: refuse images whose declared width×height exceeds this, checked from the header
             before any pixel data is decoded. None disables our check; PIL's own process-wide limit
@@ -78,8 +82,8 @@ def load_image(
     * ``I`` (int32; 16-bit PGM opens this way): the bit depth is not recorded, so it is inferred from the
       values: all in 0..255 → kept as 8-bit; all in 0..65535 → treated as 16-bit as above; anything
       else (negative or wider) → linearly stretched from its own min..max to 0..255.
-    * ``F`` (float32): NaN → 0; if the largest finite value is ≤ 1 the data is taken as 0..1 and
-      multiplied by 255, otherwise taken as 0..255; then clipped to 0..255 and rounded.
+    * ``F`` (float32): NaN → 0, +inf → 255, -inf → 0; then if the largest value is ≤ 1 the data is
+      taken as 0..1 and multiplied by 255, otherwise as 0..255; then clipped to 0..255 and rounded.
 
     Raises:
         ImageError: unreadable file, invalid base64, non-image data-URL MIME type, SVG, unknown or
@@ -160,7 +164,8 @@ def _decode_file(path: Path, *, name: str, max_pixels: int | None, exif_transpos
     try:
         handle = path.open("rb")
     except OSError as exc:
-        raise ImageError(name, f"cannot read file {str(path)!r}: {exc.strerror or exc}") from exc
+        shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
+        raise ImageError(name, f"cannot read file {shown!r}: {exc.strerror or exc}") from exc
     with handle:
         head = handle.read(_SNIFF_BYTES)
         handle.seek(0)
@@ -180,13 +185,12 @@ def _open_and_finish(stream, head: bytes, *, name: str, max_pixels: int | None, 
         raise ImageError(name, "empty data (0 bytes)")
     if _looks_like_svg(head):
         raise ImageError(name, "SVG (vector) images are not supported; convert it to PNG or JPEG")
+    formats = _available_formats()
     try:
         # Lazy: parses the header only, so the size check below runs before any pixel is decoded.
-        opened = Image.open(stream, formats=ACCEPTED_FORMATS)
+        opened = Image.open(stream, formats=formats)
     except UnidentifiedImageError as exc:
-        raise ImageError(
-            name, f"not a recognised image (accepted formats: {', '.join(ACCEPTED_FORMATS)})"
-        ) from exc
+        raise ImageError(name, f"not a recognised image (accepted formats: {', '.join(formats)})") from exc
     with opened:
         if declared_mime is not None:
             actual_mime = Image.MIME.get(opened.format or "", "")
@@ -194,6 +198,12 @@ def _open_and_finish(stream, head: bytes, *, name: str, max_pixels: int | None, 
                 # Mislabelled data URLs are common (e.g. a PNG sent as image/jpeg); the content decides.
                 logger.debug("%s: data URL says %s but the content is %s", name, declared_mime, actual_mime)
         return _finish(opened, name=name, max_pixels=max_pixels, exif_transpose=exif_transpose)
+
+
+def _available_formats() -> tuple[str, ...]:
+    """ACCEPTED_FORMATS that this Pillow can open (Image.open raises KeyError for unregistered ones)."""
+    Image.init()  # registers every plugin once; a no-op afterwards
+    return tuple(fmt for fmt in ACCEPTED_FORMATS if fmt in Image.OPEN)
 
 
 def _looks_like_svg(head: bytes) -> bool:
@@ -233,20 +243,21 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     """Scale a single-channel high-bit-depth image to mode "L" (rules in `load_image`'s docstring)."""
     values = np.asarray(image)
     if image.mode.startswith("I;16"):
-        return Image.fromarray(_scale_16_to_8(values), mode="L")
+        return Image.fromarray(_scale_16_to_8(values))
     if image.mode == "I":
         if values.size == 0 or (values.min() >= 0 and values.max() <= 255):
-            return Image.fromarray(values.astype(np.uint8), mode="L")
+            return Image.fromarray(values.astype(np.uint8))
         if values.min() >= 0 and values.max() <= 65535:
-            return Image.fromarray(_scale_16_to_8(values), mode="L")
-        low, high = int(values.min()), int(values.max())
-        stretched = (values.astype(np.float64) - low) * (255.0 / (high - low))
-        return Image.fromarray(np.floor(stretched + 0.5).astype(np.uint8), mode="L")
+            return Image.fromarray(_scale_16_to_8(values))
+        low, span = int(values.min()), int(values.max()) - int(values.min())
+        # round((v - low) * 255 / span), half up, in exact integer arithmetic
+        stretched = ((values.astype(np.int64) - low) * 510 + span) // (2 * span)
+        return Image.fromarray(stretched.astype(np.uint8))
     # mode "F"
     floats = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
     if floats.size and floats.max() <= 1.0:
         floats = floats * 255.0
-    return Image.fromarray(np.floor(np.clip(floats, 0.0, 255.0) + 0.5).astype(np.uint8), mode="L")
+    return Image.fromarray(np.floor(np.clip(floats, 0.0, 255.0) + 0.5).astype(np.uint8))
 
 
 def _scale_16_to_8(values: np.ndarray) -> np.ndarray:

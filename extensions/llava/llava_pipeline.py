@@ -27,6 +27,7 @@ import llava_checkpoint
 import llava_image_io
 import llava_preprocess
 import llava_vision
+from llava_next import AnyresGeometry, pack_features
 from llava_cache import EmbeddingCache
 from llava_checkpoint import (
     IM_END_TEXT,
@@ -40,6 +41,10 @@ from llava_checkpoint import (
 from llava_prompt import ImageRef, ImageSpan, Part, TokenizedPrompt, truncate_left
 
 logger = logging.getLogger(__name__)
+
+
+class EncodingCancelled(RuntimeError):
+    """The caller asked to stop (webui's Stop button) before the images were encoded."""
 
 
 class LlavaInputError(ValueError):
@@ -112,12 +117,26 @@ class LlavaPipeline:
         tower: llava_vision.VisionTower,
         projector: llava_vision.Projector,
         preprocess_config: llava_preprocess.PreprocessConfig,
+        image_newline: torch.Tensor | None = None,
     ):
         self.spec = spec
         self.settings = settings
         self.tower = tower
         self.projector = projector
         self.preprocess_config = preprocess_config
+        self.image_newline = image_newline
+        self.newline = "unpad" in spec.patch_merge_type
+        self.geometry = None
+        if spec.anyres:
+            self.geometry = AnyresGeometry(
+                grid_pinpoints=spec.grid_pinpoints,
+                tile=tower.image_size,
+                side=tower.image_size // tower.patch_size,
+                base_tokens=tower.tokens_per_image,
+                hf_semantics=spec.format == "hf",
+                unpad=self.newline,
+                newline=self.newline,
+            )
         self.cache = EmbeddingCache(int(settings.cache_mb * 1024 * 1024))
 
     # ------------------------------------------------------------------------------------------ loading
@@ -151,7 +170,8 @@ class LlavaPipeline:
             lm_hidden_size=lm_hidden_size,
         )
         preprocess_config = _preprocess_config_for(spec, source, tower)
-        return cls(spec, settings, tower, projector, preprocess_config)
+        image_newline = _read_image_newline(spec, projector) if "unpad" in spec.patch_merge_type else None
+        return cls(spec, settings, tower, projector, preprocess_config, image_newline)
 
     def unload(self) -> None:
         """Release the modules and the cache (frees GPU memory when they live there)."""
@@ -172,21 +192,35 @@ class LlavaPipeline:
         return (
             f"{self.spec.model_dir.name} ({self.spec.format}): vision tower on {tower_param.device} "
             f"{str(tower_param.dtype).replace('torch.', '')}, projector on {projector_where}, "
-            f"{self.tokens_per_image} tokens per image"
+            + (f"anyres, {self.geometry.base_tokens}+ tokens per image" if self.geometry else f"{self.tokens_per_image} tokens per image")
         )
 
     # ------------------------------------------------------------------------------------------ geometry
 
     @property
     def tokens_per_image(self) -> int:
-        """Feature rows one image contributes: (image_size / patch_size)², +1 when CLS is kept."""
-        return self.tower.tokens_per_image
+        """Feature rows of one untiled image: (image_size / patch_size)², +1 when CLS is kept (+1 for
+        the newline of a single-tile image under ``spatial_unpad``). LLaVA-NeXT images vary: use
+        :meth:`image_tokens`."""
+        single_tile_newline = 1 if self.newline and not self.spec.anyres else 0
+        return self.tower.tokens_per_image + single_tile_newline
 
     @property
-    def prompt_positions_per_image(self) -> int:
+    def variable_image_tokens(self) -> bool:
+        return self.geometry is not None
+
+    def image_tokens(self, image_size: tuple[int, int] | None) -> int:
+        """Feature rows for an image of ``(width, height)`` (the size is ignored unless anyres)."""
+        if self.geometry is None:
+            return self.tokens_per_image
+        if image_size is None:
+            raise ValueError("LLaVA-NeXT token counts depend on the image size")
+        return self.geometry.tokens(image_size)
+
+    def prompt_positions(self, image_size: tuple[int, int] | None = None) -> int:
         """Prompt positions one image takes, including v0's ``<im_start>`` / ``<im_end>``."""
-        extra = 2 if self.spec.use_im_start_end else 0
-        return self.tokens_per_image + extra
+        extra = 2 if self.spec.use_im_start_end and self.spec.format != "hf" else 0
+        return self.image_tokens(image_size) + extra
 
     # ------------------------------------------------------------------------------------------ images
 
@@ -197,22 +231,45 @@ class LlavaPipeline:
         )
 
     @torch.no_grad()
-    def encode_images(self, images: Sequence[Any]) -> list[torch.Tensor]:
-        """RGB PIL images -> one ``[tokens_per_image, H_lm]`` tensor each (projector device and dtype).
+    def encode_images(self, images: Sequence[Any], should_stop=None) -> list[torch.Tensor]:
+        """RGB PIL images -> one ``[image_tokens(size), H_lm]`` tensor each (projector device and dtype).
 
         Images seen before (same pixels) come from the cache; the tower runs once, batched, for the rest.
+        ``should_stop()`` is polled before the tower runs; True raises :class:`EncodingCancelled`.
         """
         started = time.perf_counter()
         keys = [llava_image_io.image_digest(image) for image in images]
         results: list[torch.Tensor | None] = [self.cache.get(key) for key in keys]
         missing = [i for i, r in enumerate(results) if r is None]
-        if missing:
+        if missing and should_stop is not None and should_stop():
+            raise EncodingCancelled("image encoding was stopped")
+        if missing and self.geometry is None:
             pixels = llava_preprocess.preprocess_batch([images[i] for i in missing], self.preprocess_config)
             features = self.encode_pixels(pixels)
             for row, index in enumerate(missing):
-                embedding = features[row].clone()
-                results[index] = embedding
-                self.cache.put(keys[index], embedding)
+                embedding = features[row]
+                if self.newline:  # a single-tile image under spatial_unpad ends with one newline row
+                    embedding = torch.cat((embedding, self.image_newline.to(embedding)[None]), dim=0)
+                results[index] = embedding.clone()
+                self.cache.put(keys[index], results[index])
+        elif missing:
+            tiled = [
+                llava_preprocess.process_anyres_image(
+                    images[i], self.preprocess_config, self.spec.grid_pinpoints, hf_semantics=self.geometry.hf_semantics
+                )
+                for i in missing
+            ]
+            features = self.encode_pixels(torch.cat(tiled))
+            offset = 0
+            for pixels, index in zip(tiled, missing):
+                per_tile = features[offset:offset + pixels.shape[0]]
+                offset += pixels.shape[0]
+                if self.spec.patch_merge_type == "flat":
+                    embedding = per_tile.reshape(-1, per_tile.shape[-1])
+                else:
+                    embedding = pack_features(per_tile, images[index].size, self.geometry, self.image_newline)
+                results[index] = embedding.clone()
+                self.cache.put(keys[index], results[index])
         logger.info(
             "Encoded %d image(s) (%d from cache) in %.1f ms",
             len(images), len(images) - len(missing), (time.perf_counter() - started) * 1000,
@@ -221,7 +278,7 @@ class LlavaPipeline:
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels ``[B, 3, S, S]`` -> embeddings ``[B, tokens_per_image, H_lm]``."""
+        """pixels ``[B, 3, S, S]`` -> embeddings ``[B, (S / patch)² (+1 with CLS), H_lm]``."""
         tower_param = next(self.tower.parameters())
         features = self.tower(pixels.to(tower_param.device))
         projector_params = list(self.projector.parameters())
@@ -243,8 +300,10 @@ class LlavaPipeline:
                 return int(candidate)
         return 0
 
-    def tokenize(self, parts: Sequence[Part], tokenizer, *, add_bos: bool) -> TokenizedPrompt:
-        """Token ids for ``parts`` with ``prompt_positions_per_image`` positions per image slot.
+    def tokenize(
+        self, parts: Sequence[Part], tokenizer, *, add_bos: bool, image_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> TokenizedPrompt:
+        """Token ids for ``parts`` with ``prompt_positions(image_sizes[i])`` positions for image ``i``.
 
         v1 (original): the text between images is tokenized chunk by chunk, like LLaVA's
         ``tokenizer_image_token`` (llava/mm_utils.py). v0 and llava-hf: the prompt is tokenized once with
@@ -252,11 +311,17 @@ class LlavaPipeline:
         from the same token text typed by a user, which stays plain text and never becomes an image.
         """
         bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+        if self.geometry is not None and image_sizes is None:
+            raise ValueError("LLaVA-NeXT prompts need the image sizes to count image tokens")
+        counts = {}
+        for part in parts:
+            if isinstance(part, ImageRef):
+                counts[part.index] = self.image_tokens(image_sizes[part.index] if image_sizes is not None else None)
         if self.spec.tokenization == "chunks":
-            return self._tokenize_chunks(parts, tokenizer, bos)
-        return self._tokenize_inline(parts, tokenizer, bos)
+            return self._tokenize_chunks(parts, tokenizer, bos, counts)
+        return self._tokenize_inline(parts, tokenizer, bos, counts)
 
-    def _tokenize_chunks(self, parts, tokenizer, bos: list[int]) -> TokenizedPrompt:
+    def _tokenize_chunks(self, parts, tokenizer, bos: list[int], counts: dict[int, int]) -> TokenizedPrompt:
         start_text, end_text = (IM_START_TEXT, IM_END_TEXT) if self.spec.use_im_start_end else ("", "")
         chunks, order, current = [], [], ""
         for part in parts:
@@ -271,28 +336,29 @@ class LlavaPipeline:
         ids, spans = list(bos), []
         for index, chunk in enumerate(chunks):
             if index:
-                spans.append(ImageSpan(len(ids), self.tokens_per_image, order[index - 1]))
-                ids.extend([placeholder] * self.tokens_per_image)
+                n = counts[order[index - 1]]
+                spans.append(ImageSpan(len(ids), n, order[index - 1]))
+                ids.extend([placeholder] * n)
             if chunk:
                 ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
         return TokenizedPrompt(ids, spans)
 
-    def _tokenize_inline(self, parts, tokenizer, bos: list[int]) -> TokenizedPrompt:
-        n = self.tokens_per_image
-        if self.spec.format == "hf":
-            slot_text = self.spec.image_token_text
-            expected = [self.spec.image_token_id]
-        else:
-            patch_id = _single_token_id(tokenizer, IM_PATCH_TEXT)
-            slot_text = IM_PATCH_TEXT * n
-            expected = [patch_id] * n
+    def _tokenize_inline(self, parts, tokenizer, bos: list[int], counts: dict[int, int]) -> TokenizedPrompt:
+        def slot(n: int) -> tuple[str, list[int]]:
+            """The text standing for one image and the ids it must tokenize to."""
+            if self.spec.format == "hf":
+                return self.spec.image_token_text, [self.spec.image_token_id]
+            text, ids = IM_PATCH_TEXT * n, [_single_token_id(tokenizer, IM_PATCH_TEXT)] * n
             if self.spec.use_im_start_end:
-                slot_text = IM_START_TEXT + slot_text + IM_END_TEXT
-                expected = [_single_token_id(tokenizer, IM_START_TEXT)] + expected + [_single_token_id(tokenizer, IM_END_TEXT)]
-        text, slots = "", []  # slots: (char_start, char_end, image_index)
+                text = IM_START_TEXT + text + IM_END_TEXT
+                ids = [_single_token_id(tokenizer, IM_START_TEXT)] + ids + [_single_token_id(tokenizer, IM_END_TEXT)]
+            return text, ids
+
+        text, slots = "", []  # slots: (char_start, char_end, image_index, expected ids)
         for part in parts:
             if isinstance(part, ImageRef):
-                slots.append((len(text), len(text) + len(slot_text), part.index))
+                slot_text, expected = slot(counts[part.index])
+                slots.append((len(text), len(text) + len(slot_text), part.index, expected))
                 text += slot_text
             else:
                 text += part
@@ -300,7 +366,8 @@ class LlavaPipeline:
         token_ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
         ids, spans = list(bos), []
         position = 0
-        for char_start, char_end, image_index in slots:
+        for char_start, char_end, image_index, expected in slots:
+            n = counts[image_index]
             while position < len(token_ids) and offsets[position][0] < char_start:
                 ids.append(token_ids[position])
                 position += 1
@@ -310,7 +377,7 @@ class LlavaPipeline:
                 position += 1
             if slot_ids != expected:
                 raise LlavaInputError(
-                    f"the tokenizer does not turn {slot_text[:40]!r} into the image token id(s) {expected[:3]}…; "
+                    f"the tokenizer does not turn {text[char_start:char_start + 40]!r} into the image token id(s) {expected[:3]}…; "
                     "is this the tokenizer that belongs to the LLaVA checkpoint?"
                 )
             if self.spec.format == "hf":
@@ -366,6 +433,7 @@ class LlavaPipeline:
         *,
         add_bos: bool,
         max_length: int | None = None,
+        should_stop=None,
     ) -> PreparedInputs:
         """Tokenize ``parts``, drop whole images that do not fit ``max_length`` (from the left), encode the
         images that remain and splice them in. ``images[i]`` is the RGB image of ``ImageRef(i)``."""
@@ -374,11 +442,11 @@ class LlavaPipeline:
             raise LlavaInputError(
                 f"the prompt has {sum(isinstance(p, ImageRef) for p in parts)} image slot(s) for {len(images)} image(s)"
             )
-        prompt = self.tokenize(parts, tokenizer, add_bos=add_bos)
+        prompt = self.tokenize(parts, tokenizer, add_bos=add_bos, image_sizes=[image.size for image in images])
         if max_length is not None:
             prompt = truncate_left(prompt, max_length)
         used = [span.image_index for span in prompt.image_spans]
-        features = self.encode_images([images[i] for i in used]) if used else []
+        features = self.encode_images([images[i] for i in used], should_stop) if used else []
         input_ids, inputs_embeds = self.embed(prompt, features, embed_tokens)
         return PreparedInputs(input_ids, inputs_embeds, prompt, len(used), list(prompt.dropped_images))
 
@@ -390,14 +458,36 @@ def _single_token_id(tokenizer, text: str) -> int:
     return int(ids[0])
 
 
+def _read_image_newline(spec: LlavaSpec, projector) -> torch.Tensor:
+    """``image_newline`` ``[H_lm]`` of a spatial_unpad checkpoint, on the projector's device and dtype."""
+    weights = llava_checkpoint.WeightFiles(spec.model_dir)
+    for key in ("model.image_newline", "image_newline"):
+        if key in weights:
+            newline = weights.read([key])[key]
+            break
+    else:
+        raise CheckpointError(f"{spec.model_dir} uses {spec.patch_merge_type} but stores no image_newline tensor")
+    reference = next(projector.parameters())
+    return newline.to(device=reference.device, dtype=reference.dtype)
+
+
 def _preprocess_config_for(spec: LlavaSpec, source, tower) -> "llava_preprocess.PreprocessConfig":
     """Preprocessing of the checkpoint: its own ``preprocessor_config.json`` (llava-hf) or the tower's
     (original), padded to square when ``image_aspect_ratio`` is ``pad`` or the llava-hf processor pads."""
     folder = spec.model_dir if spec.format == "hf" else source.config_dir
     path = Path(folder) / "preprocessor_config.json"
     processor = llava_checkpoint._read_json(path) if path.is_file() else {}
+    if not processor and (Path(folder) / "processor_config.json").is_file():
+        # transformers 5 saves the image-processor settings nested in processor_config.json.
+        processor = llava_checkpoint._read_json(Path(folder) / "processor_config.json").get("image_processor") or {}
     if spec.format == "hf":
         pad = bool(processor.get("do_pad", False)) and "Llava" in processor.get("image_processor_type", "")
+        # llava-hf NeXT files carry `aspect_ratio_setting: "anyres"`; tiling follows the model config instead.
+        processor = {k: v for k, v in processor.items() if k != "aspect_ratio_setting"}
+        # SigLIP processors resize straight to size {height, width} and have no center crop at all; without
+        # this, the CLIP defaults (crop to 224) would apply to a config that never mentions cropping.
+        if processor.get("image_processor_type", "").startswith("Siglip"):
+            processor.setdefault("do_center_crop", False)
     else:
         pad = spec.image_aspect_ratio == "pad"
     if not processor:

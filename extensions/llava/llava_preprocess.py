@@ -18,18 +18,19 @@ reference arithmetic, step by step:
 How this module is faster without changing a bit:
 
 * Steps 4-5 map each uint8 value of each channel to one float32, so they become a 3×256 lookup table
-  built once per config with exactly that arithmetic in numpy, applied with one torch gather.
+  built once per config with exactly that arithmetic in numpy, applied with one gather per channel.
 * Pad and crop happen on uint8 (PIL or numpy), before any float work, and only the kept window is
   normalised.
-* The resize is still PIL's own kernel (the reference), but split into its two passes. For PIL's
-  convolution filters (BOX, BILINEAR, HAMMING, BICUBIC, LANCZOS) a resize computes a horizontal pass
-  into a uint8 intermediate, then a vertical pass; a horizontal-only resize followed by a vertical-only
-  resize is therefore the same computation. Each pass treats rows (horizontal) or columns (vertical)
-  independently with coefficients that depend only on the input and output lengths, so we may run the
-  horizontal pass on a subset of rows and the vertical pass on a subset of columns — and in parallel
-  threads (PIL releases the GIL while resampling). Only rows/columns that the crop keeps are computed,
-  and the constant background rows of a padded landscape image are resampled once and repeated.
-  Tests check every shortcut against the reference processors with ``torch.equal``.
+* The resize is still PIL's own kernel (the reference), split into its two 1-D passes. For PIL's
+  convolution filters (BOX, BILINEAR, HAMMING, BICUBIC, LANCZOS) a resize that changes both sides runs
+  one pass into a uint8 intermediate, then the other; a horizontal-only resize followed by a
+  vertical-only one (or the reverse, matching the order this Pillow version picks, `_pil_pass_order`)
+  is the same computation. Each pass treats rows (horizontal) or columns (vertical) independently, with
+  coefficients that depend only on the input and output lengths, so a pass may run on a subset of rows
+  or columns, and in parallel threads (PIL releases the GIL while resampling). Only what the crop keeps
+  is computed, and the uniform background rows of a padded landscape image are resampled once. A
+  one-time self-check (`_pass_split_verified`) falls back to plain `Image.resize` if this Pillow behaves
+  otherwise, and the tests compare every path with the reference processors using ``torch.equal``.
 
 Also here: LLaVA-NeXT "anyres" tiling (`process_anyres_image`) in both the original LLaVA and the
 transformers semantics (llava-formats.md §2.9, divergence D1).
@@ -40,15 +41,20 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import logging
 import math
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+import PIL
 import torch
 from PIL import Image
+
+logger = logging.getLogger(__name__)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -135,13 +141,15 @@ class PreprocessConfig:
         """Build from a Hugging Face ``preprocessor_config.json`` dict (CLIP / LLaVA / LLaVA-NeXT).
 
         ``size`` may be an int (shortest edge, unless ``default_to_square`` is true), ``{"shortest_edge"}``,
-        ``{"height", "width"}`` or ``[height, width]``; ``crop_size`` an int, a dict or a list. Missing keys
-        take `CLIPImageProcessor`'s defaults. Metadata keys are ignored, and so are ``do_pad`` (its meaning
-        differs between processor classes; ``pad_to_square`` decides) and ``image_grid_pinpoints`` (read
-        by the anyres caller). Any other key, or a setting this module does not implement (e.g.
-        ``do_normalize: false``, ``size.longest_edge``), raises ValueError naming the key.
+        ``{"height", "width"}`` or ``[height, width]``; ``crop_size`` an int, a dict or a list. Missing or
+        null keys take `CLIPImageProcessor`'s defaults. Metadata keys are ignored, and so are ``do_pad``
+        (its meaning differs between processor classes; ``pad_to_square`` decides) and
+        ``image_grid_pinpoints`` (read by the anyres caller). Any other key, or a setting this module does
+        not implement (e.g. ``do_normalize: false``, ``size.longest_edge``), raises ValueError naming it.
         """
-        settings = dict(processor_dict)
+        # A null value means "unset, use the default" in transformers (`_set_attributes`); processors
+        # saved by recent versions write many runtime options (device, return_tensors, ...) as null.
+        settings = {key: value for key, value in processor_dict.items() if value is not None}
         for key in _IGNORED_PROCESSOR_KEYS:
             settings.pop(key, None)
         for key, required in (("do_resize", True), ("do_rescale", True), ("do_normalize", True)):
@@ -216,9 +224,10 @@ def _parse_size(size: Any, *, default_to_square: bool) -> tuple[int | None, int 
         if keys == {"height", "width"}:
             return None, _positive_int(size["height"], "size.height"), _positive_int(size["width"], "size.width")
         allowed = {"shortest_edge"} if "shortest_edge" in keys else {"height", "width"}
-        offending = sorted(keys - allowed) or sorted(allowed - keys)
-        raise ValueError(f"preprocessor config: size.{offending[0]} is not supported here; size must be "
-                         f"{{'shortest_edge'}} or {{'height', 'width'}}, got {size!r}")
+        extra, missing = sorted(keys - allowed), sorted(allowed - keys)
+        problem = f"size.{extra[0]} is not supported" if extra else f"size lacks {missing[0]!r}"
+        raise ValueError(f"preprocessor config: {problem}; size must be {{'shortest_edge'}} or "
+                         f"{{'height', 'width'}}, got {size!r}")
     raise ValueError(f"preprocessor config: size={size!r} is not an int, [height, width] or a size dict")
 
 
@@ -252,46 +261,48 @@ def preprocess(image: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
     ``image`` should be RGB (from `llava_image_io.load_image`); other modes get ``convert("RGB")``
     like the reference processors.
     """
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    pixels = _resize_and_crop_uint8(image, cfg)  # [h, w, 3] uint8
-    return _normalize(pixels, cfg)
+    out = np.empty((3, *cfg.expected_size), dtype=np.float32)
+    _preprocess_into(image, cfg, out)
+    return torch.from_numpy(out)
 
 
 def preprocess_batch(images: Sequence[Image.Image], cfg: PreprocessConfig) -> torch.Tensor:
     """Several images → float32 ``[B, 3, *cfg.expected_size]`` (B may be 0)."""
-    height, width = cfg.expected_size
-    batch = torch.empty((len(images), 3, height, width), dtype=torch.float32)
+    batch = np.empty((len(images), 3, *cfg.expected_size), dtype=np.float32)
     for index, image in enumerate(images):
-        batch[index] = preprocess(image, cfg)
-    return batch
+        _preprocess_into(image, cfg, batch[index])
+    return torch.from_numpy(batch)
 
 
-def _normalize(pixels: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
-    """uint8 ``[h, w, 3]`` → float32 ``[3, h, w]`` through the per-channel lookup table."""
-    table = _normalization_table(cfg.rescale_factor, cfg.image_mean, cfg.image_std)  # [768]
-    channels_first = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-    # Channel c reads entries [256 c, 256 c + 255] of the flat table.
-    index = channels_first.to(torch.int64) + _CHANNEL_OFFSETS
-    return table.take(index)
-
-
-_CHANNEL_OFFSETS = torch.tensor([0, 256, 512], dtype=torch.int64).view(3, 1, 1)
+def _preprocess_into(image: Image.Image, cfg: PreprocessConfig, out: np.ndarray) -> None:
+    """Write the preprocessed image into float32 ``out`` ``[3, *cfg.expected_size]``."""
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"cannot preprocess an image with no pixels ({image.width}x{image.height})")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    image.load()  # before any worker thread reads it (a lazily opened image would load concurrently)
+    pixels = _resize_and_crop_uint8(image, cfg)  # [h, w, 3] uint8
+    table = _normalization_table(cfg.rescale_factor, cfg.image_mean, cfg.image_std)  # [3, 256]
+    for channel in range(3):
+        # uint8 indices are always within the 256 entries; "clip" just skips numpy's bounds buffering.
+        np.take(table[channel], pixels[:, :, channel], out=out[channel], mode="clip")
 
 
 @functools.lru_cache(maxsize=16)
-def _normalization_table(rescale_factor: float, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """float32 ``[3 * 256]``: value v of channel c → the reference's rescale + normalise of v.
+def _normalization_table(rescale_factor: float, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """float32 ``[3, 256]``: entry [c, v] is the reference's rescale + normalise of value v in channel c.
 
     Same numpy operations and dtypes as transformers' PIL backend: ``astype(float64) * factor`` then
-    ``astype(float32)``; then float32 ``(x - mean) / std`` with mean/std cast to float32.
+    ``astype(float32)``; then float32 ``(x - mean) / std`` with mean/std cast to float32. Read-only,
+    since the cached array is shared.
     """
     values = np.arange(256, dtype=np.uint8)
     rescaled = (values.astype(np.float64) * rescale_factor).astype(np.float32)  # [256]
     mean32 = np.array(mean, dtype=np.float32)[:, None]  # [3, 1]
     std32 = np.array(std, dtype=np.float32)[:, None]
-    table = (rescaled[None, :] - mean32) / std32  # [3, 256] float32
-    return torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32).reshape(-1))
+    table = np.ascontiguousarray((rescaled[None, :] - mean32) / std32, dtype=np.float32)  # [3, 256]
+    table.flags.writeable = False
+    return table
 
 
 def _resized_size(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int]:
@@ -313,11 +324,8 @@ def _crop_window(size: int, crop: int) -> tuple[int, int, int]:
 def _resize_and_crop_uint8(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """Steps 1-3 (pad, resize, center crop) on uint8: ``[h, w, 3]`` with (h, w) = cfg.expected_size."""
     width, height = image.size
-    background = tuple(int(m * 255) for m in cfg.image_mean)
     padded = cfg.pad_to_square and width != height
-    in_w = in_h = max(width, height) if padded else 0
-    if not padded:
-        in_w, in_h = width, height
+    in_w, in_h = (max(width, height),) * 2 if padded else (width, height)
     out_w, out_h = _resized_size(in_w, in_h, cfg)
 
     if cfg.do_center_crop:
@@ -326,15 +334,11 @@ def _resize_and_crop_uint8(image: Image.Image, cfg: PreprocessConfig) -> np.ndar
     else:
         row0, n_rows, row_at, col0, n_cols, col_at = 0, out_h, 0, 0, out_w, 0
 
-    if cfg.resample in _TWO_PASS_FILTERS:
-        source = _PaddedSource(image, in_w, in_h, background if padded else None)
-        window = _two_pass_resize(source, out_w, out_h, (row0, row0 + n_rows), (col0, col0 + n_cols),
-                                  cfg.resample)
-    else:
-        full = _pad_image(image, background) if padded else image
-        window = np.asarray(full.resize((out_w, out_h), cfg.resample))[row0:row0 + n_rows, col0:col0 + n_cols]
+    background = tuple(int(m * 255) for m in cfg.image_mean) if padded else None
+    source = _PaddedSource(image, in_w, in_h, background)
+    window = _resize_window(source, (out_w, out_h), (row0, row0 + n_rows), (col0, col0 + n_cols), cfg.resample)
 
-    if not cfg.do_center_crop or (n_rows == cfg.crop_height and n_cols == cfg.crop_width):
+    if window.shape[:2] == cfg.expected_size:
         return window
     result = np.zeros((cfg.crop_height, cfg.crop_width, 3), dtype=np.uint8)
     result[row_at:row_at + n_rows, col_at:col_at + n_cols] = window
@@ -351,7 +355,7 @@ def _pad_image(image: Image.Image, background: tuple[int, int, int]) -> Image.Im
 
 
 class _PaddedSource:
-    """The (optionally square-padded) resize input, able to hand out row bands without building it whole."""
+    """The resize input (the image, or it padded to a square) handing out row bands without building it whole."""
 
     def __init__(self, image: Image.Image, width: int, height: int, background: tuple[int, int, int] | None):
         self.image = image
@@ -359,58 +363,100 @@ class _PaddedSource:
         self.background = background
         self.offset_x = (width - image.width) // 2
         self.offset_y = (height - image.height) // 2
+        # Padded above and below only: rows outside the image are uniform background rows.
+        self.full_width_rows = image.width == width
+
+    def full(self) -> Image.Image:
+        return self.image if self.background is None else _pad_image(self.image, self.background)
+
+    def image_rows(self) -> tuple[int, int]:
+        """Rows [first, last) that hold image pixels; all others are uniform background rows."""
+        if self.background is None or not self.full_width_rows:
+            return 0, self.height
+        return self.offset_y, self.offset_y + self.image.height
 
     def rows(self, first: int, last: int) -> Image.Image:
-        """Rows [first, last) of the padded image as a PIL image ``width × (last - first)``."""
-        if self.background is None or self.offset_x == 0:
-            # Unpadded, or padded above/below only: these rows are image rows (or pure background,
-            # handled by the caller), at full width.
-            return self.image.crop((0, first - self.offset_y, self.width, last - self.offset_y))
+        """Rows [first, last) (within `image_rows`) as a PIL image ``width × (last - first)``."""
+        if self.full_width_rows:
+            top, bottom = first - self.offset_y, last - self.offset_y
+            if (top, bottom) == (0, self.image.height):
+                return self.image  # resize never modifies its input: skip the copy
+            return self.image.crop((0, top, self.width, bottom))
         band = Image.new("RGB", (self.width, last - first), self.background)
         band.paste(self.image.crop((0, first, self.image.width, last)), (self.offset_x, 0))
         return band
 
-    def image_rows(self) -> tuple[int, int]:
-        """Rows of the padded image holding image pixels; the rest are uniform background rows."""
-        if self.background is None or self.offset_x != 0:
-            return 0, self.height
-        return self.offset_y, self.offset_y + self.image.height
+
+def _resize_window(source: _PaddedSource, out_size: tuple[int, int], keep_rows: tuple[int, int],
+                   keep_cols: tuple[int, int], resample: int) -> np.ndarray:
+    """``source`` resized by PIL to out_size (w, h), only rows/cols in the keep ranges: uint8 ``[h', w', 3]``."""
+    out_w, out_h = out_size
+    horizontal, vertical = out_w != source.width, out_h != source.height
+    order = _pil_pass_order(source.width, source.height, out_w, out_h) if horizontal and vertical else "H"
+    if resample not in _TWO_PASS_FILTERS or order is None or not _pass_split_verified():
+        resized = np.asarray(source.full().resize(out_size, resample))
+        return resized[keep_rows[0]:keep_rows[1], keep_cols[0]:keep_cols[1]]
+    if order == "H":
+        return _horizontal_then_vertical(source, out_w, out_h, keep_rows, keep_cols, resample)
+    return _vertical_then_horizontal(source.full(), out_w, out_h, keep_rows, keep_cols, resample)
 
 
-def _two_pass_resize(source: _PaddedSource, out_w: int, out_h: int, keep_rows: tuple[int, int],
-                     keep_cols: tuple[int, int], resample: int) -> np.ndarray:
-    """PIL resize of `source` to (out_w, out_h), returning only rows/cols in the keep ranges (uint8 [h, w, 3])."""
-    in_w, in_h = source.width, source.height
+def _horizontal_then_vertical(source: _PaddedSource, out_w: int, out_h: int, keep_rows: tuple[int, int],
+                              keep_cols: tuple[int, int], resample: int) -> np.ndarray:
+    """Horizontal pass on the rows the kept output rows read, vertical pass on the kept columns."""
+    in_h = source.height
     col0, col1 = keep_cols
     vertical = out_h != in_h
-    # Intermediate rows the kept output rows read (all of them if there is no vertical pass to do).
-    if vertical:
-        need0, need1 = _rows_read(in_h, out_h, keep_rows)
-    else:
-        need0, need1 = keep_rows
+    # Intermediate rows that the kept output rows read; rows never read stay black (never used).
+    need0, need1 = _span_read(in_h, out_h, keep_rows) if vertical else keep_rows
+    base = 0 if vertical else need0  # intermediate row index = source row - base
+    intermediate = Image.new("RGB", (col1 - col0, in_h if vertical else need1 - need0))
 
-    intermediate = np.zeros((in_h if vertical else need1 - need0, col1 - col0, 3), dtype=np.uint8)
-    base = 0 if vertical else need0  # intermediate row index = padded-image row - base
     image0, image1 = source.image_rows()
-    # Rows of pure padding (landscape image padded above and below) are identical after the
-    # horizontal pass: resample one and repeat it.
+    # Background rows (image padded above/below) are identical after the horizontal pass: do one.
     background_bands = [(need0, min(need1, image0)), (max(need0, image1), need1)]
     if any(first < last for first, last in background_bands):
-        background_row = _horizontal(Image.new("RGB", (in_w, 1), source.background), out_w, resample)
+        line = Image.new("RGB", (source.width, 1), source.background)
+        background_row = _horizontal(line, out_w, resample).crop((col0, 0, col1, 1))
         for first, last in background_bands:
             if first < last:
-                intermediate[first - base:last - base] = background_row[:, col0:col1]
+                # NEAREST stretching of one row copies it exactly.
+                filler = background_row.resize((col1 - col0, last - first), Image.Resampling.NEAREST)
+                intermediate.paste(filler, (0, first - base))
     band0, band1 = max(need0, image0), min(need1, image1)
+
+    def horizontal(bounds: tuple[int, int]) -> None:
+        band = _horizontal(source.rows(*bounds), out_w, resample).crop((col0, 0, col1, bounds[1] - bounds[0]))
+        intermediate.paste(band, (0, bounds[0] - base))  # chunks write disjoint rows
+
     if band1 > band0:
-        intermediate[band0 - base:band1 - base] = _parallel_horizontal(source, band0, band1, out_w,
-                                                                        (col0, col1), resample)
+        _run_chunks(horizontal, _split(band0, band1, (band1 - band0) * out_w))
     if not vertical:
-        return intermediate
-    return _parallel_vertical(intermediate, out_h, resample)[keep_rows[0]:keep_rows[1]]
+        return np.asarray(intermediate)
+    return _vertical(intermediate, out_h, resample)[keep_rows[0]:keep_rows[1]]
 
 
-def _rows_read(in_size: int, out_size: int, keep: tuple[int, int]) -> tuple[int, int]:
-    """Input rows [first, last) that output rows keep[0]..keep[1]-1 of a resize may read (with margin).
+def _vertical_then_horizontal(image: Image.Image, out_w: int, out_h: int, keep_rows: tuple[int, int],
+                              keep_cols: tuple[int, int], resample: int) -> np.ndarray:
+    """Mirror image of the above: vertical pass on the columns the kept output columns read, horizontal
+    pass on the kept output rows."""
+    need0, need1 = _span_read(image.width, out_w, keep_cols)
+    strip = Image.fromarray(_vertical(image.crop((need0, 0, need1, image.height)), out_h, resample)
+                            [keep_rows[0]:keep_rows[1]])
+    intermediate = Image.new("RGB", (image.width, strip.height))  # columns never read stay black
+    intermediate.paste(strip, (need0, 0))
+    output = Image.new("RGB", (keep_cols[1] - keep_cols[0], strip.height))
+
+    def horizontal(bounds: tuple[int, int]) -> None:
+        band = _horizontal(intermediate.crop((0, bounds[0], image.width, bounds[1])), out_w, resample)
+        output.paste(band.crop((keep_cols[0], 0, keep_cols[1], band.height)), (0, bounds[0]))
+
+    _run_chunks(horizontal, _split(0, strip.height, strip.height * out_w))
+    return np.asarray(output)
+
+
+def _span_read(in_size: int, out_size: int, keep: tuple[int, int]) -> tuple[int, int]:
+    """Input indices [first, last) that outputs keep[0]..keep[1]-1 of a 1-D resampling pass may read.
 
     Mirrors PIL's coefficient bounds: output i is centred at (i + 0.5) * scale and reads inputs within
     support * max(scale, 1) of it; we use the widest filter's support plus a margin, so the range is a
@@ -423,49 +469,38 @@ def _rows_read(in_size: int, out_size: int, keep: tuple[int, int]) -> tuple[int,
     return max(first, 0), min(last, in_size)
 
 
-def _horizontal(band: Image.Image, out_w: int, resample: int) -> np.ndarray:
-    """Horizontal-only PIL resize (same height) → uint8 [rows, out_w, 3]."""
-    if band.width == out_w:
-        return np.asarray(band)
-    return np.asarray(band.resize((out_w, band.height), resample))
+def _horizontal(band: Image.Image, out_w: int, resample: int) -> Image.Image:
+    """Horizontal-only PIL resize (same height)."""
+    return band if band.width == out_w else band.resize((out_w, band.height), resample)
 
 
-def _parallel_horizontal(source: _PaddedSource, first: int, last: int, out_w: int, cols: tuple[int, int],
-                         resample: int) -> np.ndarray:
-    """Horizontal pass over padded rows [first, last), kept columns only → uint8 [last-first, ncols, 3]."""
-    chunks = _split(first, last, (last - first) * out_w)
+def _vertical(image: Image.Image, out_h: int, resample: int) -> np.ndarray:
+    """Vertical-only PIL resize (same width) → uint8 ``[out_h, width, 3]``, split by columns across threads."""
+    if image.height == out_h:
+        return np.asarray(image)
+    output = np.empty((out_h, image.width, 3), dtype=np.uint8)
 
-    def run(bounds: tuple[int, int]) -> np.ndarray:
-        return _horizontal(source.rows(*bounds), out_w, resample)[:, cols[0]:cols[1]]
+    def vertical(bounds: tuple[int, int]) -> None:
+        strip = image.crop((bounds[0], 0, bounds[1], image.height))
+        output[:, bounds[0]:bounds[1]] = np.asarray(strip.resize((bounds[1] - bounds[0], out_h), resample))
 
-    parts = _map(run, chunks)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-
-
-def _parallel_vertical(intermediate: np.ndarray, out_h: int, resample: int) -> np.ndarray:
-    """Vertical-only PIL resize of uint8 [in_h, w, 3] to [out_h, w, 3], split by columns across threads."""
-    width = intermediate.shape[1]
-    chunks = _split(0, width, out_h * width)
-
-    def run(bounds: tuple[int, int]) -> np.ndarray:
-        strip = Image.fromarray(np.ascontiguousarray(intermediate[:, bounds[0]:bounds[1]]))
-        return np.asarray(strip.resize((bounds[1] - bounds[0], out_h), resample))
-
-    parts = _map(run, chunks)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+    _run_chunks(vertical, _split(0, image.width, out_h * image.width))
+    return output
 
 
 def _split(first: int, last: int, work: int) -> list[tuple[int, int]]:
-    """Split [first, last) into as many near-equal chunks as threads are worth for `work` pixels."""
+    """Split [first, last) into as many near-equal chunks as threads are worth for `work` output pixels."""
     count = max(1, min(_resize_threads(), work // _MIN_PIXELS_PER_THREAD, last - first))
     edges = [first + (last - first) * i // count for i in range(count + 1)]
     return [(edges[i], edges[i + 1]) for i in range(count)]
 
 
-def _map(function, chunks: list[tuple[int, int]]) -> list[np.ndarray]:
+def _run_chunks(function: Callable[[tuple[int, int]], None], chunks: list[tuple[int, int]]) -> None:
     if len(chunks) == 1:
-        return [function(chunks[0])]
-    return list(_thread_pool().map(function, chunks))
+        function(chunks[0])
+        return
+    for future in [_thread_pool().submit(function, chunk) for chunk in chunks]:
+        future.result()  # re-raises a worker's exception here
 
 
 @functools.lru_cache(maxsize=1)
@@ -475,9 +510,67 @@ def _resize_threads() -> int:
 
 @functools.lru_cache(maxsize=1)
 def _thread_pool() -> ThreadPoolExecutor:
-    # Created on first use (never at import), shared by all requests; PIL releases the GIL while
-    # resampling, so these threads run the passes truly in parallel.
+    # Created on first use (never at import) and shared by all requests; PIL releases the GIL while
+    # resampling, so these threads run the passes in parallel.
     return ThreadPoolExecutor(max_workers=_resize_threads(), thread_name_prefix="llava-resize")
+
+
+def _pil_pass_order(in_w: int, in_h: int, out_w: int, out_h: int) -> str | None:
+    """Which pass the installed Pillow runs first when a resize changes both sides: "H", "V" or None.
+
+    Read from Pillow's sources (`ImagingResampleInner` in libImaging/Resample.c, `Image.resize`):
+    up to 12.1 always horizontal first; 12.2-12.3 vertical first for images over 100× taller than wide
+    that shrink in height; 13.0 vertical first when the height shrinks by more than twice what the
+    width does. None for versions not read (the caller then resizes in one plain PIL call).
+    """
+    version = _pillow_version()
+    if version is None or version > (13, 0):
+        return None
+    if version < (12, 2):
+        return "H"
+    if version < (13, 0):
+        return "V" if in_h > in_w * 100 and out_h < in_h else "H"
+    shrink_h, shrink_w = in_h - out_h, in_w - out_w
+    return "V" if shrink_h > 0 and shrink_h > shrink_w * 2 else "H"
+
+
+@functools.lru_cache(maxsize=1)
+def _pillow_version() -> tuple[int, int] | None:
+    """(major, minor) of a Pillow release; None for dev/post builds, whose resampling we have not read."""
+    match = re.fullmatch(r"(\d+)\.(\d+)\.\d+", PIL.__version__)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+@functools.lru_cache(maxsize=1)
+def _pass_split_verified() -> bool:
+    """One-time self-check (a few ms, tiny images): does the pass split reproduce this Pillow bit for bit?
+
+    Covers both pass orders, up- and downscaling, padding and cropping. On any difference (a Pillow
+    build that resamples differently from what `_pil_pass_order` expects) we fall back to plain
+    `Image.resize` calls for the life of the process.
+    """
+    rng = np.random.default_rng(0)
+    cases = [  # (image w, h), (out w, h), pad background or None
+        ((61, 23), (29, 11), None), ((23, 61), (11, 29), None), ((9, 67), (4, 30), None),
+        ((3, 310), (2, 100), None), ((17, 13), (40, 31), None), ((31, 20), (13, 13), (122, 116, 104)),
+        ((20, 31), (13, 13), (122, 116, 104)),
+    ]
+    for (width, height), out_size, background in cases:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        side = max(width, height)
+        source = _PaddedSource(image, *((side, side) if background else (width, height)), background)
+        expected = np.asarray(source.full().resize(out_size, Image.Resampling.BICUBIC))
+        order = _pil_pass_order(source.width, source.height, *out_size)
+        rows, cols = (1, out_size[1] - 1), (1, out_size[0] - 1)
+        if order == "H":
+            got = _horizontal_then_vertical(source, *out_size, rows, cols, Image.Resampling.BICUBIC)
+        else:
+            got = _vertical_then_horizontal(source.full(), *out_size, rows, cols, Image.Resampling.BICUBIC)
+        if not np.array_equal(got, expected[rows[0]:rows[1], cols[0]:cols[1]]):
+            logger.warning("Pillow %s resamples differently from what llava_preprocess expects; using plain "
+                           "Image.resize (exact, slower)", PIL.__version__)
+            return False
+    return True
 
 
 # --- LLaVA-NeXT anyres -----------------------------------------------------------------------------

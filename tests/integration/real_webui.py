@@ -37,6 +37,10 @@ DEFAULT_REQUEST_TIMEOUT_S = 120.0
 
 # webui prints the API address once uvicorn is about to serve (modules/api/script.py run_server).
 _API_URL_PATTERN = re.compile(r"http://127\.0\.0\.1:(\d+)/v1")
+# Gradio prints this before its own reachability check (Blocks.launch), so it does not mean success.
+_UI_URL_PATTERN = re.compile(r"Running on local URL:\s+http://127\.0\.0\.1:(\d+)")
+# What webui logs when that check fails: create_interface() dies while the API keeps serving.
+_UI_LAUNCH_FAILURES = ("When localhost is not accessible", "ReadTimeout")
 
 # A Vicuna / LLaVA-1.5 style template: what llava-hf checkpoints ship, and what webui turns into its
 # instruction template when it finds chat_template.jinja next to tokenizer_config.json.
@@ -50,6 +54,10 @@ LLAVA_STYLE_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+
+
+class UiLaunchError(RuntimeError):
+    """Gradio's launch check of its own page failed; webui then serves the API without its UI."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,27 @@ def host_from_env() -> tuple[WebuiHost | None, str]:
     if not python_path.is_file() or not os.access(python_path, os.X_OK):
         return None, f"{WEBUI_PYTHON_ENV}={python} is not an executable file"
     return WebuiHost(webui_dir=webui_path, python=python_path), ""
+
+
+def gradio_version(host: WebuiHost) -> str | None:
+    """The gradio version installed for ``host.python``, or ``None`` (an API-only host)."""
+    probe = subprocess.run([str(host.python), "-c", "import gradio; print(gradio.__version__)"],
+                           capture_output=True, text=True, timeout=120)
+    return probe.stdout.strip() if probe.returncode == 0 else None
+
+
+def generated_logprobs(reply: dict) -> list[dict]:
+    """The per-token log-probability entries of a chat completion (one per generated token)."""
+    logprobs = reply["choices"][0].get("logprobs") or {}
+    return logprobs.get("content") or []
+
+
+def first_token_distribution(reply: dict) -> dict[str, float]:
+    """``{token: logprob}`` of the top candidates for the first generated token."""
+    entries = generated_logprobs(reply)
+    if not entries:
+        raise ValueError(f"the reply has no logprobs: {str(reply)[:500]}")
+    return {item["token"]: item["logprob"] for item in entries[0]["top_logprobs"]}
 
 
 def free_loopback_port() -> int:
@@ -218,6 +247,32 @@ class WebuiServer:
             log_file.close()
         return self
 
+    def start_and_wait(self, timeout_s: float = DEFAULT_READY_TIMEOUT_S, ui_attempts: int = 2) -> float:
+        """``start()`` then ``wait_ready()``; returns the seconds to readiness of the last start.
+
+        With the UI, Gradio checks its own page with a 3 s timeout during launch; on a CPU-starved
+        machine that check can time out (:class:`UiLaunchError`), so the UI gets up to ``ui_attempts``
+        starts, each on fresh ports and with its own log file. Other failures are not retried. On
+        failure the process is stopped before the error propagates.
+        """
+        attempts = 1 if self.nowebui else ui_attempts
+        first_log = self.log_path
+        for attempt in range(1, attempts + 1):
+            if attempt > 1:
+                self.log_path = first_log.with_name(f"{first_log.stem}-start{attempt}{first_log.suffix}")
+                self.api_port = self.ui_port = 0
+            self.start()
+            try:
+                return self.wait_ready(timeout_s)
+            except UiLaunchError:
+                self.stop()
+                if attempt == attempts:
+                    raise
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
+
     def log_text(self) -> str:
         """The server's stdout and stderr so far, trailing padding stripped from each line."""
         try:
@@ -231,20 +286,29 @@ class WebuiServer:
         return self.log_text()[-chars:]
 
     def wait_ready(self, timeout_s: float = DEFAULT_READY_TIMEOUT_S) -> float:
-        """Poll until the API (and the UI unless ``nowebui``) answer; returns seconds since start.
+        """Wait until the API (and the UI unless ``nowebui``) serve; returns seconds since start.
 
-        Raises ``RuntimeError`` with the log tail if the process exits or ``timeout_s`` passes.
+        Raises ``RuntimeError`` with the log tail if the process exits, the UI fails to launch or
+        ``timeout_s`` passes.
         """
         deadline = self.started_at + timeout_s
+        api_up = False
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"webui exited with code {self.process.returncode} during startup:\n"
                                    f"{self.log_tail()}")
+            log = self.log_text()
             # webui moves to another port if ours was taken in between; the log says which it used.
-            announced = _API_URL_PATTERN.findall(self.log_text())
+            announced = _API_URL_PATTERN.findall(log)
             if announced:
                 self.api_port = int(announced[-1])
-            if self._api_ready() and (self.nowebui or self._ui_ready()):
+            api_up = api_up or self._api_ready()
+            # The UI is not polled before Gradio announces it: launch() then checks the page itself
+            # with a 3 s HEAD (gradio/networking.py url_ok), and competing requests can make that
+            # check time out, which aborts webui's create_interface().
+            if api_up and (self.nowebui or _UI_URL_PATTERN.search(log)):
+                if not self.nowebui:
+                    self._confirm_ui(deadline)
                 self.ready_after_s = time.monotonic() - self.started_at
                 return self.ready_after_s
             time.sleep(0.25)
@@ -257,12 +321,23 @@ class WebuiServer:
             return False
         return status == 200
 
-    def _ui_ready(self) -> bool:
+    def _confirm_ui(self, deadline: float) -> None:
+        """One HEAD on the UI page, then a check that Gradio's own launch check did not fail."""
+        self.ui_port = int(_UI_URL_PATTERN.search(self.log_text()).group(1))
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        request = urllib.request.Request(f"http://127.0.0.1:{self.ui_port}/", method="HEAD")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.ui_port}/", timeout=2.0) as response:
-                return response.status == 200
-        except (OSError, urllib.error.URLError):
-            return False
+            with opener.open(request, timeout=max(deadline - time.monotonic(), 1.0)) as response:
+                status = response.status
+        except (OSError, urllib.error.URLError) as error:
+            raise UiLaunchError(f"the Gradio UI does not answer ({error}):\n{self.log_tail()}") from error
+        # Gradio's check was sent before ours, so it has its answer by now; give it time to return.
+        time.sleep(1.0)
+        log = self.log_text()
+        failed = [marker for marker in _UI_LAUNCH_FAILURES if marker in log]
+        if status != 200 or failed:
+            raise UiLaunchError(f"the Gradio UI did not launch (HEAD / -> {status}; {failed}):\n"
+                               f"{self.log_tail()}")
 
     def request(self, method: str, path: str, body: dict | None = None,
                 timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> tuple[int, dict | str]:
@@ -285,13 +360,25 @@ class WebuiServer:
         except ValueError:
             return status, text
 
-    def chat(self, messages: list[dict], max_tokens: int = 16, **extra) -> dict:
-        """POST ``/v1/chat/completions`` (non-streaming, seeded, bounded length); returns the JSON reply."""
-        body = {"messages": messages, "max_tokens": max_tokens, "seed": 1234, "stream": False, **extra}
+    def chat(self, messages: list[dict], max_tokens: int = 8, **extra) -> dict:
+        """POST ``/v1/chat/completions``; returns the JSON reply (raises on a non-200 answer).
+
+        Defaults make the reply deterministic and checkable on a random model: greedy decoding,
+        EOS banned (so exactly ``max_tokens`` tokens are generated) and the top-5 log-probabilities of
+        every generated token in ``choices[0].logprobs.content``. ``extra`` overrides or adds fields.
+        """
+        body = {"messages": messages, "max_tokens": max_tokens, "stream": False, "do_sample": False,
+                "ban_eos_token": True, "logprobs": True, "top_logprobs": 5, **extra}
         status, reply = self.request("POST", "/v1/chat/completions", body)
         if status != 200 or not isinstance(reply, dict):
             raise RuntimeError(f"/v1/chat/completions answered {status}: {str(reply)[:1000]}\n{self.log_tail()}")
         return reply
+
+    def ui_json(self, path: str, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> dict:
+        """GET a JSON document from the Gradio UI server (e.g. ``/config``)."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://127.0.0.1:{self.ui_port}{path}", timeout=timeout_s) as response:
+            return json.loads(response.read().decode("utf-8"))
 
     def load_model(self, model: str, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:
         """Load ``model`` through ``/v1/internal/model/load`` (Transformers loader, CPU)."""

@@ -33,7 +33,8 @@ def load_model_HF(model_name):
         BitsAndBytesConfig
     )
 
-    torch._dynamo.config.disable = True  # transformers_loader.py:106, process-wide
+    # webui also sets torch._dynamo.config.disable = True here (:106), for the whole process, so
+    # torch.compile is a no-op under webui; not copied, to keep the test process unchanged.
 
     path = Path(shared.args.model_dir) / model_name
     params = {

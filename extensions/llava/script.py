@@ -1,0 +1,698 @@
+"""text-generation-webui hooks: LLaVA image chat for the Transformers loader.
+
+webui loads the language model (only the LLaMA/Mistral part of a LLaVA checkpoint, registered in
+``setup()``); this extension loads the vision tower and projector on their own devices, encodes the
+images of a request and splices their embeddings into the prompt in ``tokenizer_modifier``, the one
+hook whose ``inputs_embeds`` reach ``model.generate``.
+
+Request flow (details in README.md):
+* ``custom_generate_chat_prompt`` collects the images of the chat (UI attachments or OpenAI API
+  messages), writes each one into its message as an unforgeable slot (``llava_chat``) and lets webui
+  build and truncate the prompt, with ``custom_tokenized_length`` counting image positions exactly.
+* ``tokenizer_modifier`` turns the slots into embeddings (cached by image content) and returns
+  ``input_ids`` as long as ``inputs_embeds``. Paths that bypass the chat-prompt hook (impersonate,
+  /v1/completions) are handled there from webui's own ``<__media__>`` markers or ``raw_images``.
+* Problems (bad image, images out of context, a non-LLaVA model) are logged and shown above the reply.
+
+Per-request data lives in ``state`` (deep-copyable strings only); module globals hold only the loaded
+vision modules, caches and settings, shared by all users like ``shared.model`` is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import sys
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:
+    # Sibling modules are imported as top-level names, so that both install locations work
+    # (`extensions/llava` as a package, `user_data/extensions/llava/script.py` by file path).
+    sys.path.insert(0, str(_HERE))
+
+from modules import shared  # noqa: E402
+from modules.logging_colors import logger  # noqa: E402
+
+import llava_chat  # noqa: E402
+from llava_chat import MEDIA_MARKER  # noqa: E402
+
+params = {
+    "display_name": "LLaVA",
+    "is_tab": False,
+    # Vision tower (CLIP) and projector: bits 32 | 16 | bf16, device e.g. "cuda:0" or "cpu" ("" = auto).
+    "clip_bits": 32,
+    "clip_device": "",
+    "projector_bits": 32,
+    "projector_device": "",
+    # Default of the "Embed all images, not only the last one" checkbox.
+    "add_all_images_to_prompt": False,
+    # Folder or hub id replacing the checkpoint's mm_vision_tower ("" = as the checkpoint says).
+    "vision_tower": "",
+    # Where an image goes when its message has no <image>: auto (v0 after the text, v1+ before), before, after.
+    "image_placement": "auto",
+    # Image embedding cache, MB.
+    "cache_mb": 256,
+    # Limits per request.
+    "max_image_pixels": 50_000_000,
+    "max_images_per_request": 16,
+    # Rotate photos by their EXIF orientation (the reference implementations do not).
+    "exif_transpose": False,
+}
+
+SETTING_TYPES = {
+    "clip_bits": (int, str), "clip_device": (str, type(None)), "projector_bits": (int, str),
+    "projector_device": (str, type(None)), "add_all_images_to_prompt": (bool,), "vision_tower": (str, type(None)),
+    "image_placement": (str,), "cache_mb": (int, float), "max_image_pixels": (int,),
+    "max_images_per_request": (int,), "exif_transpose": (bool,),
+}
+
+NOTICES = "llava_notices"  # state key: list of messages shown above the reply
+IMAGES = "llava_images"  # state key: [[name, data URL], ...] the slots of this request point into
+
+
+# ---------------------------------------------------------------------------------------------- vision
+
+
+class _Vision:
+    """The vision modules of the loaded model; rebuilt when the model or the vision settings change
+    and dropped when webui unloads the model (webui has no unload callback: identity check per hook
+    plus a finalizer on the model object)."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self.pipeline = None
+        self.status = "No model loaded."
+        self.problem = None  # a message for chats when the loaded model cannot see images
+        self._key = None
+        self._model_ref = None
+
+    def current(self):
+        """The pipeline for ``shared.model``, loading it on first use; None when it cannot see images."""
+        model = shared.model
+        if model is None:
+            self.drop("No model loaded.")
+            return None
+        key = (shared.model_name, id(model), _settings_key())
+        with self._lock:
+            if self._model_ref is not None and self._model_ref() is model and key == self._key:
+                return self.pipeline
+            self.drop("")
+            self._key, self._model_ref = key, weakref.ref(model)
+            weakref.finalize(model, self.drop, "Model unloaded.")
+            self.pipeline = self._load(model)
+            return self.pipeline
+
+    def drop(self, status: str) -> None:
+        with self._lock:
+            if self.pipeline is not None:
+                self.pipeline.unload()
+                logger.info("llava: vision modules unloaded")
+            self.pipeline, self._key, self._model_ref, self.problem = None, None, None, None
+            if status:
+                self.status = status
+
+    def _load(self, model):
+        import llava_checkpoint
+        from llava_pipeline import LlavaPipeline
+
+        name = shared.model_name
+        model_dir = Path(shared.args.model_dir) / name
+        try:
+            spec = llava_checkpoint.read_llava_spec(model_dir)
+        except Exception as exc:  # noqa: BLE001 - a broken config must not break text chat
+            spec, error = None, exc
+        else:
+            error = None
+        if spec is None:
+            self.status = f"{name} is not a LLaVA checkpoint: vision inactive."
+            if error is not None:
+                self.status = f"{name}: cannot read its LLaVA config ({error}): vision inactive."
+            logger.info("llava: %s", self.status)
+            return None
+        loader = getattr(shared.args, "loader", None)
+        if (loader and loader != "Transformers") or not hasattr(model, "get_input_embeddings"):
+            self.problem = (
+                f"{name} is a LLaVA checkpoint, but the {loader or 'current'} loader ignores image embeddings: "
+                "the model cannot see images. Load it with the Transformers loader."
+            )
+            self.status = self.problem
+            logger.warning("llava: %s", self.problem)
+            return None
+        try:
+            settings = _vision_settings()
+            started = time.perf_counter()
+            pipeline = LlavaPipeline.load(
+                model_dir, settings, models_dir=shared.args.model_dir,
+                lm_hidden_size=model.get_input_embeddings().weight.shape[1],
+            )
+        except Exception as exc:  # noqa: BLE001 - shown in the UI and chats; text chat keeps working
+            self.problem = f"the vision part of {name} could not be loaded: {_first_line(exc)}"
+            self.status = self.problem
+            logger.error("llava: %s", self.problem, exc_info=not isinstance(exc, ValueError))
+            return None
+        self.status = f"Vision active: {pipeline.describe()} (loaded in {time.perf_counter() - started:.1f} s)."
+        logger.info("llava: %s", self.status)
+        return pipeline
+
+
+_vision = _Vision()
+_sizes_lock = threading.Lock()
+_sizes: OrderedDict[str, tuple[int, int]] = OrderedDict()  # content hash -> (width, height), bounded
+_MAX_SIZE_ENTRIES = 4096
+# tokenizer_modifier -> logits_processor_modifier hand-off; both run in the request's thread, one after
+# the other, so a thread-local never crosses requests or users.
+_request_local = threading.local()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _settings_key() -> tuple:
+    return tuple((name, str(params.get(name))) for name in sorted(SETTING_TYPES))
+
+
+def _vision_settings():
+    from llava_pipeline import VisionSettings
+
+    for name, types in SETTING_TYPES.items():
+        if not isinstance(params.get(name), types):
+            raise ValueError(f"setting llava-{name} has the wrong type: {params.get(name)!r}")
+    default_device = "cpu" if getattr(shared.args, "cpu", False) else None
+    return VisionSettings(
+        clip_bits=str(params["clip_bits"]),
+        clip_device=params["clip_device"] or default_device,
+        projector_bits=str(params["projector_bits"]),
+        projector_device=params["projector_device"] or default_device,
+        vision_tower=params["vision_tower"] or None,
+        cache_mb=float(params["cache_mb"]),
+        max_pixels=int(params["max_image_pixels"]),
+        exif_transpose=bool(params["exif_transpose"]),
+    )
+
+
+def _placement(pipeline) -> str:
+    placement = str(params.get("image_placement", "auto")).lower()
+    if placement in ("before", "after"):
+        return placement
+    return pipeline.spec.default_placement
+
+
+def _notify(state, message: str) -> None:
+    """Log a problem and queue it for display above this request's reply."""
+    logger.warning("llava: %s", message)
+    notices = state.setdefault(NOTICES, [])
+    if message not in notices:
+        notices.append(message)
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def _image_size(pipeline, name: str, source: str) -> tuple[int, int]:
+    """Decode an image once to validate it and learn its size; later turns hit the size table."""
+    key = _source_key(source)
+    with _sizes_lock:
+        if key in _sizes:
+            _sizes.move_to_end(key)
+            return _sizes[key]
+    size = pipeline.load_image(source, name=name).size
+    with _sizes_lock:
+        _sizes[key] = size
+        while len(_sizes) > _MAX_SIZE_ENTRIES:
+            _sizes.popitem(last=False)
+    return size
+
+
+def _source_key(source) -> str:
+    data = source.encode("utf-8", "surrogatepass") if isinstance(source, str) else bytes(source)
+    return hashlib.sha256(data).hexdigest() + f":{params.get('exif_transpose')}:{params.get('max_image_pixels')}"
+
+
+def _usable_source(state, name: str, source) -> bool:
+    """Only inline data is accepted: a path or URL from a request is never opened or fetched."""
+    if isinstance(source, str) and source.startswith("data:"):
+        return True
+    _notify(state, f"{name}: only inline (data: URL) images are accepted; it was not shown to the model")
+    return False
+
+
+def _ui_row_images(metadata: dict, row: int) -> list[tuple[str, str]]:
+    attachments = (metadata.get(f"user_{row}") or {}).get("attachments") or []
+    return [
+        (str(a.get("name") or f"image {a.get('image_id', '?')}"), a.get("image_data", ""))
+        for a in attachments if isinstance(a, dict) and a.get("type") == "image"
+    ]
+
+
+def _api_user_messages(state) -> list[tuple[str, list[str]]]:
+    """(processed text, image URLs) per user message of an API chat request, oldest first."""
+    messages = state.get("messages") or (state.get("history") or {}).get("messages") or []
+    return [
+        (llava_chat.api_processed_text(m.get("content")), llava_chat.api_image_urls(m.get("content")))
+        for m in messages if isinstance(m, dict) and m.get("role") == "user"
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- hooks
+
+
+def setup():
+    """Register the text-only LLaVA loader, provide instruction templates, load vision for a model
+    that webui loaded at startup."""
+    try:
+        import llava_checkpoint
+
+        llava_checkpoint.register_with_transformers()
+    except Exception:  # noqa: BLE001 - without it LLaVA folders do not load; say so, keep webui running
+        logger.exception("llava: could not register the LLaVA loader with transformers")
+    _install_instruction_templates()
+    _vision.current()
+
+
+def _install_instruction_templates() -> None:
+    """Make webui pick a working LLaVA template for every LLaVA folder, unless the user configured one."""
+    import re
+
+    import llava_checkpoint
+    import llava_templates
+
+    models_dir = Path(shared.args.model_dir)
+    user_config = getattr(shared, "user_config", None)
+    if not models_dir.is_dir() or user_config is None:
+        return
+    for folder in sorted(p for p in models_dir.iterdir() if (p / "config.json").is_file()):
+        try:
+            spec = llava_checkpoint.read_llava_spec(folder)
+            template = _template_for(spec, folder, llava_templates) if spec is not None else None
+        except Exception as exc:  # noqa: BLE001 - one odd folder must not stop the others
+            logger.debug("llava: skipping %s: %s", folder.name, exc)
+            continue
+        if template is None:
+            continue
+        name = folder.name.lower()
+        if any(re.match(pattern.lower(), name) and "instruction_template" in values
+               for pattern, values in user_config.items() if isinstance(values, dict)):
+            continue
+        user_config[re.escape(name) + "$"] = {
+            "instruction_template": "Custom (obtained from model metadata)",
+            "instruction_template_str": template,
+        }
+        if folder.name == shared.model_name:
+            shared.settings["instruction_template"] = "Custom (obtained from model metadata)"
+            shared.settings["instruction_template_str"] = template
+
+
+def _template_for(spec, folder: Path, llava_templates) -> str | None:
+    import json
+
+    if spec.format != "hf":
+        return llava_templates.WEBUI_TEMPLATES.get(spec.template)
+    for candidate in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        path = folder / candidate
+        if not path.is_file():
+            continue
+        if candidate.endswith(".jinja"):
+            return llava_templates.adapt_hf_template(path.read_text(encoding="utf-8"))
+        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(template, str):
+            return llava_templates.adapt_hf_template(template)
+    return None
+
+
+def ui():
+    """The panel under the chat: an image box that attaches its picture to the next message (as a
+    native webui attachment, so every later step treats it like one), the "embed all" checkbox and
+    the vision status."""
+    import gradio as gr
+
+    with gr.Accordion("LLaVA", open=True, elem_id="llava-panel"):
+        status = gr.Markdown(value=lambda: _vision.status, elem_id="llava-status")
+        with gr.Row():
+            picture = gr.Image(label="Image for the next message", type="filepath", format="png",
+                               sources=["upload", "clipboard"], height=200, elem_id="llava-image")
+            with gr.Column():
+                embed_all = gr.Checkbox(value=bool(params["add_all_images_to_prompt"]),
+                                        label="Embed all images, not only the last one", elem_id="llava-embed-all")
+                refresh = gr.Button("Refresh status", size="sm")
+    embed_all.change(lambda value: params.update(add_all_images_to_prompt=bool(value)), embed_all, None)
+    refresh.click(lambda: (_vision.current(), _vision.status)[1], None, status)
+    textbox = shared.gradio.get("textbox")
+    if textbox is not None:
+        picture.upload(_attach_to_textbox, [picture, textbox], [picture, textbox])
+
+
+def _attach_to_textbox(path, textbox_value):
+    """Move the uploaded picture into the chat box's files; it is sent with the next message."""
+    value = dict(textbox_value or {})
+    files = list(value.get("files") or [])
+    if path:
+        files.append(path)
+    value["files"] = files
+    value.setdefault("text", "")
+    return None, value
+
+
+def custom_generate_chat_prompt(user_input, state, **kwargs):
+    """Write the chat's images into their messages as slots, then let webui build the prompt."""
+    try:
+        pipeline = _vision.current()
+    except Exception as exc:  # noqa: BLE001
+        _notify(state, f"vision unavailable: {_first_line(exc)}")
+        return None
+    if pipeline is None:
+        _warn_if_blind(state)
+        return None
+    from modules import chat
+
+    try:
+        new_input, new_history, images = _slot_history(pipeline, user_input, state, kwargs)
+    except _ApiImageError as exc:
+        _raise_api_error(str(exc))
+    except Exception as exc:  # noqa: BLE001 - answer without images rather than fail the chat
+        logger.exception("llava: preparing the images failed")
+        _notify(state, f"the images could not be prepared ({_first_line(exc)}); answered without them")
+        return None
+    state[IMAGES] = images
+    return chat.generate_chat_prompt(new_input, state, **dict(kwargs, history=new_history))
+
+
+class _ApiImageError(ValueError):
+    """A bad image in an API request: the request fails with HTTP 400 and this message."""
+
+
+def _raise_api_error(message: str):
+    try:
+        from modules.api.errors import InvalidRequestError
+    except ImportError:  # webui without its API package: a plain error
+        raise ValueError(message) from None
+    raise InvalidRequestError(message=message, param="messages")
+
+
+def _warn_if_blind(state) -> None:
+    """Images sent to a model that cannot see them: say so instead of answering silently blind."""
+    has_images = bool(state.get("image_attachments") or state.get("raw_images"))
+    has_images = has_images or any(urls for _, urls in _api_user_messages(state))
+    if has_images:
+        if _vision.problem:
+            _notify(state, _vision.problem)
+        elif getattr(shared.args, "loader", "Transformers") in (None, "Transformers"):
+            _notify(state, f"{shared.model_name} is not a LLaVA model: it cannot see the attached image(s)")
+
+
+def _slot_history(pipeline, user_input: str, state, kwargs):
+    """Copy of the history with each message's images written as slots and no image attachments.
+
+    Returns ``(user_input, history, images)``; ``images`` is ``[[name, data URL], ...]`` indexed by the
+    slots. With "embed all" off only the most recent image gets a slot; the others take no tokens.
+    """
+    history = kwargs.get("history", state["history"])
+    rows = history["internal"]
+    metadata = history.get("metadata") or {}
+    is_api = "messages" in state
+    current_included = not (kwargs.get("impersonate") or kwargs.get("_continue"))
+
+    # Per message: its text (markers removed) and its images, oldest first. -1 = the current input.
+    texts: list[str] = [row[0] for row in rows]
+    row_images: list[list[tuple[str, str]]] = [[] for _ in rows]
+    current_text, current_images = user_input, []
+    if is_api:
+        pending = [(text, urls) for text, urls in _api_user_messages(state) if urls]
+        targets = list(range(len(rows))) + ([-1] if current_included else [])
+        for target in targets:
+            if not pending:
+                break
+            text = current_text if target == -1 else texts[target]
+            expected, urls = pending[0]
+            if text != expected:
+                continue
+            pending.pop(0)
+            stripped = llava_chat.strip_media_run(text, len(urls))
+            entries = [(f"image {i + 1} of a message", url) for i, url in enumerate(urls)]
+            if target == -1:
+                current_text, current_images = stripped, entries
+            else:
+                texts[target], row_images[target] = stripped, entries
+    else:
+        for row in range(len(rows)):
+            row_images[row] = _ui_row_images(metadata, row)
+        if current_included:
+            current_images = _ui_row_images(metadata, len(rows))
+
+    every_image = [image for images in row_images for image in images] + current_images
+    if len(every_image) > int(params["max_images_per_request"]):
+        message = (f"{len(every_image)} images in this chat exceed the limit of {params['max_images_per_request']} "
+                   "(setting llava-max_images_per_request); only the most recent ones are used")
+        if is_api:
+            raise _ApiImageError(message)
+        _notify(state, message)
+    keep_all = bool(params["add_all_images_to_prompt"])
+    allowed = len(every_image) if keep_all else 1
+    allowed = min(allowed, int(params["max_images_per_request"]))
+    keep = set(range(len(every_image) - allowed, len(every_image)))
+
+    images: list[list[str]] = []
+    placement = _placement(pipeline)
+    marker = pipeline.spec.image_token_text or "<image>"
+    counter = 0
+
+    def slots_for(entries) -> list[str]:
+        nonlocal counter
+        slots = []
+        for name, source in entries:
+            position, counter = counter, counter + 1
+            if position not in keep or not _usable_source(state, name, source):
+                continue
+            try:
+                size = _image_size(pipeline, name, source)
+            except ValueError as exc:  # ImageError: names the image and the reason
+                if is_api:
+                    raise _ApiImageError(str(exc)) from exc
+                _notify(state, f"{exc}; the rest of the message was answered")
+                continue
+            slots.append(llava_chat.slot(len(images), size))
+            images.append([name, source])
+        return slots
+
+    new_rows = []
+    for row, text, entries in zip(rows, texts, row_images):
+        clean = llava_chat.neutralize(text)
+        new_rows.append([llava_chat.place_slots(clean, slots_for(entries), placement, marker), *row[1:]])
+    new_input = llava_chat.place_slots(llava_chat.neutralize(current_text), slots_for(current_images), placement, marker)
+    new_metadata = {
+        key: (dict(value, attachments=[a for a in value.get("attachments", []) if a.get("type") != "image"])
+              if isinstance(value, dict) and "attachments" in value else value)
+        for key, value in metadata.items()
+    }
+    new_history = dict(history, internal=new_rows, metadata=new_metadata)
+    return new_input, new_history, images
+
+
+def custom_tokenized_length(prompt):
+    """Prompt length with every image slot (or webui marker) counted as its real number of positions."""
+    has_slots = llava_chat.has_slots(prompt)
+    if not has_slots and MEDIA_MARKER not in prompt:
+        return None
+    pipeline = _vision.current()
+    if pipeline is None or shared.tokenizer is None:
+        return None
+    try:
+        if not has_slots:
+            # Count tokens / chat-prompt paths: webui's own markers, sizes unknown.
+            size = (pipeline.tower.image_size, pipeline.tower.image_size)
+            prompt = prompt.replace(MEDIA_MARKER, llava_chat.slot(0, size))
+        parsed = llava_chat.parse_slots(prompt)
+        tokenized = pipeline.tokenize(parsed.parts, shared.tokenizer, add_bos=_add_bos(prompt, True),
+                                      image_sizes=parsed.sizes)
+        return len(tokenized.ids)
+    except Exception:  # noqa: BLE001 - webui then counts the text itself
+        logger.exception("llava: counting tokens failed")
+        return None
+
+
+def _add_bos(prompt: str, add_bos_token: bool) -> bool:
+    """webui's encode(): BOS if asked, unless the prompt text already starts with it (double-BOS filter)."""
+    bos = getattr(shared.tokenizer, "bos_token", None)
+    return bool(add_bos_token) and not (bos and prompt.startswith(bos))
+
+
+def tokenizer_modifier(state, prompt, input_ids, input_embeds):
+    """Replace the text-only ids by ids + embeddings with the images spliced in."""
+    has_slots = llava_chat.has_slots(prompt)
+    if not has_slots and MEDIA_MARKER not in prompt and not state.get("raw_images"):
+        return prompt, input_ids, input_embeds  # text-only turn: nothing to do
+    pipeline = _vision.current()
+    if pipeline is None:
+        if has_slots:  # cannot happen unless the model changed mid-request: drop the slots
+            return prompt, _text_only_ids(llava_chat.strip_slots(prompt), state, input_ids), None
+        if state.get("raw_images"):
+            _warn_if_blind(state)
+        return prompt, input_ids, input_embeds
+    from llava_pipeline import EncodingCancelled
+
+    try:
+        return _splice(pipeline, state, prompt, input_ids)
+    except EncodingCancelled:
+        logger.info("llava: Stop pressed while encoding images; generation stops too")
+        return prompt, _text_only_ids(llava_chat.strip_slots(prompt), state, input_ids), None
+    except Exception as exc:  # noqa: BLE001 - answer without images rather than fail the request
+        logger.exception("llava: image embedding failed")
+        _notify(state, f"the images could not be processed ({_first_line(exc)}); answered without them")
+        return prompt, _text_only_ids(llava_chat.strip_slots(prompt), state, input_ids), None
+
+
+def _splice(pipeline, state, prompt, input_ids):
+    import torch
+
+    if llava_chat.has_slots(prompt):
+        slot_prompt, images = prompt, state.get(IMAGES) or []
+    elif MEDIA_MARKER in prompt:
+        slot_prompt, images = _slots_from_markers(pipeline, state, prompt)
+    else:
+        slot_prompt, images = _slots_for_raw_images(pipeline, state, prompt)
+    parsed = llava_chat.parse_slots(slot_prompt)
+    if any(index >= len(images) for index in parsed.image_indices):
+        raise ValueError("an image slot points past the request's images")
+    sources = [images[index] for index in parsed.image_indices]
+    decoded = []
+    for name, source in sources:
+        decoded.append(pipeline.load_image(source, name=name))
+    max_length = int(state["truncation_length"]) - int(state["max_new_tokens"])
+    embed = shared.model.get_input_embeddings()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        prepared = pipeline.prepare(
+            parsed.parts, decoded, shared.tokenizer, embed,
+            add_bos=_add_bos(prompt, state.get("add_bos_token", True)),
+            max_length=max(1, max_length), should_stop=lambda: bool(shared.stop_everything),
+        )
+    if prepared.dropped_images:
+        names = ", ".join(sources[i][0] for i in prepared.dropped_images)
+        _notify(state, f"{len(prepared.dropped_images)} image(s) fell out of the context and were not shown "
+                       f"to the model ({names})")
+    if state.get("auto_max_new_tokens"):
+        _request_local.context_limit = int(state["truncation_length"])
+    logger.info("llava: %d image(s) spliced into %d positions in %.0f ms", prepared.images_used,
+                prepared.input_ids.shape[1], (time.perf_counter() - started) * 1000)
+    return prompt, prepared.input_ids, prepared.inputs_embeds
+
+
+def _slots_from_markers(pipeline, state, prompt):
+    """Prompts webui built without our chat-prompt hook (impersonate, another extension's prompt):
+    find each message's ``<__media__>`` run by its exact text and give it that message's images."""
+    history = state.get("history") or {}
+    rows: list[tuple[str, list[tuple[str, str]]]] = []
+    if "messages" in state:
+        for text, urls in _api_user_messages(state):
+            if urls:
+                stripped = llava_chat.strip_media_run(text, len(urls))
+                rows.append((stripped if stripped is not None else text,
+                             [(f"image {i + 1} of a message", u) for i, u in enumerate(urls)]))
+    else:
+        metadata = history.get("metadata") or {}
+        for row, values in enumerate(history.get("internal") or []):
+            entries = _ui_row_images(metadata, row)
+            if entries:
+                rows.append((values[0], entries))
+    found = llava_chat.find_marked_rows(prompt, [(text, len(entries)) for text, entries in rows])
+    keep_all = bool(params["add_all_images_to_prompt"])
+    images, replacements = [], []
+    for position, (number, start, end) in enumerate(found):
+        entries = rows[number][1]
+        keep_row = keep_all or position == len(found) - 1
+        slots = ""
+        for index, (name, source) in enumerate(entries):
+            if keep_row and (keep_all or index == len(entries) - 1) and _usable_source(state, name, source):
+                try:
+                    slots += llava_chat.slot(len(images), _image_size(pipeline, name, source))
+                    images.append([name, source])
+                except ValueError as exc:
+                    _notify(state, str(exc))
+        replacements.append((start, end, slots))
+    return llava_chat.replace_spans(prompt, replacements), images
+
+
+def _slots_for_raw_images(pipeline, state, prompt):
+    """/v1/completions with messages: PIL images, no marker. ``<image>`` in the prompt places them;
+    otherwise they go at the start of the prompt (after a leading BOS text)."""
+    import io
+
+    images, slots = [], []
+    raw = list(state.get("raw_images") or [])[: int(params["max_images_per_request"])]
+    for number, image in enumerate(raw, start=1):
+        name = f"image {number} of the request"
+        buffer = io.BytesIO()
+        try:
+            image.save(buffer, format="PNG")
+        except Exception as exc:  # noqa: BLE001 - an undecodable image from the API
+            _notify(state, f"{name}: cannot be read ({_first_line(exc)})")
+            continue
+        import base64
+
+        source = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        try:
+            size = _image_size(pipeline, name, source)
+        except ValueError as exc:
+            _notify(state, str(exc))
+            continue
+        slots.append(llava_chat.slot(len(images), size))
+        images.append([name, source])
+    text = llava_chat.neutralize(prompt)
+    marker = pipeline.spec.image_token_text or "<image>"
+    if marker in text:
+        return llava_chat.place_slots(text, slots, "before", marker), images
+    bos = getattr(shared.tokenizer, "bos_token", None) or ""
+    head = bos if bos and text.startswith(bos) else ""
+    return head + "".join(slots) + text[len(head):], images
+
+
+def _text_only_ids(text: str, state, fallback):
+    """Ids of the prompt without any image, for the fallback paths."""
+    try:
+        from modules.text_generation import encode
+
+        return encode(text, add_bos_token=state.get("add_bos_token", True))
+    except Exception:  # noqa: BLE001
+        return fallback
+
+
+def logits_processor_modifier(processor_list, input_ids):
+    """With auto_max_new_tokens, webui sized the reply from the text-only prompt; image positions make
+    the prompt longer, so end the reply (EOS) where the context ends."""
+    limit = getattr(_request_local, "context_limit", None)
+    _request_local.context_limit = None
+    if limit is None or shared.tokenizer is None or shared.tokenizer.eos_token_id is None:
+        return processor_list
+    processor_list.append(_ContextLimit(limit, shared.tokenizer.eos_token_id))
+    return processor_list
+
+
+class _ContextLimit:
+    """Logits processor: only EOS is allowed once the sequence fills the context."""
+
+    def __init__(self, limit: int, eos_token_id: int):
+        self.limit = limit
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[-1] >= self.limit - 1:
+            scores = scores.clone()
+            eos = scores[:, self.eos_token_id].clone()
+            scores[:] = float("-inf")
+            scores[:, self.eos_token_id] = eos
+        return scores
+
+
+def output_modifier(string, state, is_chat=False):
+    """Show this request's notices above the reply (visible text only; the model never sees them)."""
+    notices = state.get(NOTICES) if isinstance(state, dict) else None
+    if not notices:
+        return string
+    lines = "\n".join(f"> ⚠️ llava: {html.escape(notice, quote=False)}" for notice in notices)
+    return f"{lines}\n\n{string}"
