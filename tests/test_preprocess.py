@@ -332,6 +332,14 @@ def test_from_processor_dict_rejects_unsupported(settings, key):
         PreprocessConfig.from_processor_dict(settings, pad_to_square=False)
 
 
+def test_from_processor_dict_ignores_unknown_keys_with_a_warning(caplog):
+    with caplog.at_level("WARNING"):
+        config = PreprocessConfig.from_processor_dict({"image_seq_length": 576, "size": 56, "crop_size": 56},
+                                                      pad_to_square=False)
+    assert config.expected_size == (56, 56)
+    assert "image_seq_length" in caplog.text
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="either shortest_edge"):
         PreprocessConfig(shortest_edge=None)

@@ -492,4 +492,20 @@ class _TextOnlyLoader:
 
     @classmethod
     def from_config(cls, config, **kwargs):
-        raise CheckpointError("LLaVA language models are loaded from a folder, not built from a config")
+        """Build the empty text model (webui does this under ``init_empty_weights`` to plan 8-bit device
+        maps). Only configs that carry the real text dimensions can be used: llava-hf ``text_config``,
+        or the flat ``llava_llama`` / ``llava_mistral`` configs registered above."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        text_config = getattr(config, "text_config", None)
+        if text_config is not None and not hasattr(config, "mm_vision_tower"):
+            return AutoModelForCausalLM.from_config(text_config, **kwargs)
+        base_type = ORIGINAL_TEXT_MODEL_TYPES.get(getattr(config, "model_type", ""))
+        if base_type and text_config is None:
+            fields = {k: v for k, v in config.to_dict().items() if not _is_multimodal_field(k)}
+            fields.pop("model_type", None)
+            return AutoModelForCausalLM.from_config(AutoConfig.for_model(base_type, **fields), **kwargs)
+        raise CheckpointError(
+            "this original LLaVA config (model_type 'llava') cannot be turned into a model without its folder; "
+            "load it without a GPU split / CPU memory limit, or with 4-bit quantization"
+        )

@@ -481,7 +481,8 @@ def _preprocess_config_for(spec: LlavaSpec, source, tower) -> "llava_preprocess.
         # transformers 5 saves the image-processor settings nested in processor_config.json.
         processor = llava_checkpoint._read_json(Path(folder) / "processor_config.json").get("image_processor") or {}
     if spec.format == "hf":
-        pad = bool(processor.get("do_pad", False)) and "Llava" in processor.get("image_processor_type", "")
+        # LlavaImageProcessor's do_pad squares the image; LlavaNextImageProcessor's pads the tile count.
+        pad = bool(processor.get("do_pad", False)) and processor.get("image_processor_type", "").startswith("LlavaImageProcessor")
         # llava-hf NeXT files carry `aspect_ratio_setting: "anyres"`; tiling follows the model config instead.
         processor = {k: v for k, v in processor.items() if k != "aspect_ratio_setting"}
         # SigLIP processors resize straight to size {height, width} and have no center crop at all; without

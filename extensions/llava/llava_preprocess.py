@@ -144,8 +144,9 @@ class PreprocessConfig:
         ``{"height", "width"}`` or ``[height, width]``; ``crop_size`` an int, a dict or a list. Missing or
         null keys take `CLIPImageProcessor`'s defaults. Metadata keys are ignored, and so are ``do_pad``
         (its meaning differs between processor classes; ``pad_to_square`` decides) and
-        ``image_grid_pinpoints`` (read by the anyres caller). Any other key, or a setting this module does
-        not implement (e.g. ``do_normalize: false``, ``size.longest_edge``), raises ValueError naming it.
+        ``image_grid_pinpoints`` (read by the anyres caller). A setting this module does not implement
+        (e.g. ``do_normalize: false``, ``size.longest_edge``) raises ValueError naming it; keys it does not
+        know are logged and ignored.
         """
         # A null value means "unset, use the default" in transformers (`_set_attributes`); processors
         # saved by recent versions write many runtime options (device, return_tensors, ...) as null.
@@ -157,8 +158,7 @@ class PreprocessConfig:
                 raise ValueError(f"preprocessor config: {key}={processor_dict[key]!r} is not supported "
                                  f"(only {required})")
         # We always feed RGB (llava_image_io converts), so do_convert_rgb cannot change the result.
-        if not isinstance(settings.pop("do_convert_rgb", True), bool):
-            raise ValueError(f"preprocessor config: do_convert_rgb must be a bool, got {processor_dict['do_convert_rgb']!r}")
+        _bool_setting(settings.pop("do_convert_rgb", True), "do_convert_rgb")
         default_to_square = settings.pop("default_to_square", False)
         if not isinstance(default_to_square, bool):
             raise ValueError(f"preprocessor config: default_to_square must be a bool, got {default_to_square!r}")
@@ -185,11 +185,18 @@ class PreprocessConfig:
             kwargs["image_mean"] = _three_floats(settings.pop("image_mean"), "image_mean")
         if "image_std" in settings:
             kwargs["image_std"] = _three_floats(settings.pop("image_std"), "image_std")
+        for key in _ARITHMETIC_KEYS:
+            if key in settings:
+                raise ValueError(f"preprocessor config: {key}={settings[key]!r} is not supported")
         if settings:
-            key = sorted(settings)[0]
-            raise ValueError(f"preprocessor config: unknown or unsupported key {key!r} (value {settings[key]!r})")
+            # Processor files carry options of other processor classes and versions (e.g.
+            # `image_seq_length`); ones that would change the arithmetic are checked above.
+            logger.warning("preprocessor config: ignoring keys this preprocessing does not use: %s", sorted(settings))
         return cls(**kwargs)
 
+
+# Options of other processor classes that would change the pixels: refused rather than ignored.
+_ARITHMETIC_KEYS = ("crop_pct", "do_flip_channel_order", "rescale_offset", "do_convert_grayscale")
 
 # Keys that describe the file rather than the arithmetic, or that belong to another stage.
 _IGNORED_PROCESSOR_KEYS = (

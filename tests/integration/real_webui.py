@@ -41,6 +41,8 @@ _API_URL_PATTERN = re.compile(r"http://127\.0\.0\.1:(\d+)/v1")
 _UI_URL_PATTERN = re.compile(r"Running on local URL:\s+http://127\.0\.0\.1:(\d+)")
 # What webui logs when that check fails: create_interface() dies while the API keeps serving.
 _UI_LAUNCH_FAILURES = ("When localhost is not accessible", "ReadTimeout")
+# That check is one HEAD with a 3 s timeout (it retries only on a non-200 answer); plus a margin.
+_UI_SELF_CHECK_S = 4.0
 
 # A Vicuna / LLaVA-1.5 style template: what llava-hf checkpoints ship, and what webui turns into its
 # instruction template when it finds chat_template.jinja next to tokenizer_config.json.
@@ -305,7 +307,7 @@ class WebuiServer:
             api_up = api_up or self._api_ready()
             # The UI is not polled before Gradio announces it: launch() then checks the page itself
             # with a 3 s HEAD (gradio/networking.py url_ok), and competing requests can make that
-            # check time out, which aborts webui's create_interface().
+            # check time out, which aborts webui's create_interface() (see _confirm_ui).
             if api_up and (self.nowebui or _UI_URL_PATTERN.search(log)):
                 if not self.nowebui:
                     self._confirm_ui(deadline)
@@ -322,8 +324,14 @@ class WebuiServer:
         return status == 200
 
     def _confirm_ui(self, deadline: float) -> None:
-        """One HEAD on the UI page, then a check that Gradio's own launch check did not fail."""
+        """Let Gradio's launch check of its own page finish undisturbed, then check the page ourselves.
+
+        Rendering the page is heavy (webui's ~770 components); a request of ours running at the same
+        time as Gradio's 3 s check can make that check time out, so ours waits until it is over.
+        """
+        time.sleep(_UI_SELF_CHECK_S)
         self.ui_port = int(_UI_URL_PATTERN.search(self.log_text()).group(1))
+        self._raise_if_ui_failed("Gradio's launch check failed")
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         request = urllib.request.Request(f"http://127.0.0.1:{self.ui_port}/", method="HEAD")
         try:
@@ -331,13 +339,14 @@ class WebuiServer:
                 status = response.status
         except (OSError, urllib.error.URLError) as error:
             raise UiLaunchError(f"the Gradio UI does not answer ({error}):\n{self.log_tail()}") from error
-        # Gradio's check was sent before ours, so it has its answer by now; give it time to return.
-        time.sleep(1.0)
+        if status != 200:
+            raise UiLaunchError(f"the Gradio UI answered HEAD / with {status}:\n{self.log_tail()}")
+
+    def _raise_if_ui_failed(self, what: str) -> None:
         log = self.log_text()
         failed = [marker for marker in _UI_LAUNCH_FAILURES if marker in log]
-        if status != 200 or failed:
-            raise UiLaunchError(f"the Gradio UI did not launch (HEAD / -> {status}; {failed}):\n"
-                               f"{self.log_tail()}")
+        if failed:
+            raise UiLaunchError(f"the Gradio UI did not launch: {what} ({failed}):\n{self.log_tail()}")
 
     def request(self, method: str, path: str, body: dict | None = None,
                 timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> tuple[int, dict | str]:
