@@ -269,28 +269,35 @@ def chat_prompt(tokenizer, turns: int) -> str:
 
 @dataclass
 class Timing:
-    """Seconds per repetition of each candidate, measured interleaved (A, B, A, B, ...)."""
+    """Seconds per repetition of each candidate, measured interleaved (A, B, A, B, ...): wall-clock
+    ``samples`` and this process's CPU time ``cpu_samples`` (all threads)."""
 
     samples: dict[str, list[float]]
+    cpu_samples: dict[str, list[float]]
 
     def median(self, name: str) -> float:
         return statistics.median(self.samples[name])
 
-    def ratio(self, numerator: str, denominator: str) -> float:
+    def ratio(self, numerator: str, denominator: str, *, cpu: bool = False) -> float:
         """Median over repetitions of the per-round ratio: a load spike slows both members of a round
-        about equally, so paired ratios are steadier than a ratio of medians on a shared machine."""
-        pairs = zip(self.samples[numerator], self.samples[denominator])
+        about equally, so paired ratios are steadier than a ratio of medians on a shared machine.
+        ``cpu``: the same from CPU time, which other processes' load inflates less than wall time."""
+        samples = self.cpu_samples if cpu else self.samples
+        pairs = zip(samples[numerator], samples[denominator])
         return statistics.median(a / b for a, b in pairs)
 
 
 def time_interleaved(candidates: dict[str, Callable[[], object]], repetitions: int, warmup: int = 1,
                      synchronize: Callable[[], None] | None = None,
-                     before_each: Callable[[str], None] | None = None) -> Timing:
+                     before_each: Callable[[str], None] | None = None,
+                     max_rounds: dict[str, int] | None = None) -> Timing:
     """Run every candidate ``warmup`` times, then ``repetitions`` rounds of each in turn; wall time each.
 
     ``synchronize`` (e.g. ``torch.cuda.synchronize``) runs before the clock starts and before it stops;
-    ``before_each(name)`` runs untimed before each call (e.g. to empty a cache).
+    ``before_each(name)`` runs untimed before each call (e.g. to empty a cache); ``max_rounds[name]``
+    limits a slow candidate to the first rounds (its ratios pair with the same rounds of the other).
     """
+    max_rounds = max_rounds or {}
     sync = synchronize or (lambda: None)
     for name, function in candidates.items():
         for _ in range(warmup):
@@ -299,17 +306,26 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], repetitions: i
             function()
     sync()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repetitions):
+    cpu_samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for round_index in range(repetitions):
         for name, function in candidates.items():
+            if round_index >= max_rounds.get(name, repetitions):
+                continue
             if before_each:
                 before_each(name)
             sync()
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             function()
             sync()
             samples[name].append(time.perf_counter() - started)
-    return Timing(samples)
+            cpu_samples[name].append(time.process_time() - cpu_started)
+    return Timing(samples, cpu_samples)
 
 
 def rounded(value: float, digits: int = 4) -> float:
     return float(f"{value:.{digits}g}")
+
+
+def targets_met(result: dict, targets: dict[str, float]) -> dict[str, bool | None]:
+    """``{key: result[key] <= limit}`` for each target (None when the key was not measured)."""
+    return {key: (None if result.get(key) is None else bool(result[key] <= limit)) for key, limit in targets.items()}

@@ -43,3 +43,24 @@ def tiny_next_checkpoints(tmp_path_factory):
     import tiny_llava_next
 
     return tiny_llava_next.write_tiny_next_checkpoints(tmp_path_factory.mktemp("tiny_llava_next"), seed=0)
+
+
+def _auto_registry():
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return CONFIG_MAPPING._extra_content, AutoModelForCausalLM._model_mapping._extra_content
+
+
+# Captured before any test runs: the extension's setup() (also from module-scoped fixtures) registers the
+# LLaVA loader in transformers' process-wide auto mappings.
+_PRISTINE_REGISTRY = tuple(dict(mapping) for mapping in _auto_registry())
+
+
+@pytest.fixture(autouse=True)
+def restore_transformers_registry():
+    """Put transformers' auto mappings back to stock after every test, so tests never depend on order."""
+    yield
+    for mapping, pristine in zip(_auto_registry(), _PRISTINE_REGISTRY):
+        mapping.clear()
+        mapping.update(pristine)

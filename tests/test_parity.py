@@ -224,3 +224,23 @@ def test_truncation_drops_whole_images(fmt, tiny_checkpoints, ours):
     kept = prepared.prompt.image_spans[0]
     expected = pipeline.encode_images([images[1]])[0]
     torch.testing.assert_close(prepared.inputs_embeds[0, kept.start:kept.end], expected)
+
+
+@pytest.mark.parametrize("fmt", ["v0", "v15", "hf"])
+def test_image_positions_survive_generate_without_attention_mask(fmt, ours):
+    """webui calls generate() without an attention mask; transformers then masks every pad id in the
+    prompt, so a placeholder id equal to the pad id (LLaVA-1.5: <unk> = 0) would hide the image."""
+    pipeline, model, tokenizer = ours[fmt]
+    prepared = pipeline.prepare(
+        split_on_marker("<image>\nWhat is in this picture?", 1), _images([(70, 45)]), tokenizer,
+        model.get_input_embeddings(), add_bos=True,
+    )
+    pad_ids = {tokenizer.pad_token_id, model.generation_config.pad_token_id, model.config.pad_token_id} - {None}
+    span = prepared.prompt.image_spans[0]
+    assert not pad_ids & set(prepared.input_ids[0, span.start:span.end].tolist())
+    with torch.no_grad():
+        kwargs = dict(input_ids=prepared.input_ids, inputs_embeds=prepared.inputs_embeds, max_new_tokens=6,
+                      do_sample=False, pad_token_id=model.generation_config.pad_token_id)
+        unmasked = model.generate(**kwargs)
+        masked = model.generate(attention_mask=torch.ones_like(prepared.input_ids), **kwargs)
+    assert unmasked.tolist() == masked.tolist()

@@ -95,7 +95,7 @@ def _run_ours(loaded, prompt, images):
         out = model.generate(
             input_ids=prepared.input_ids, inputs_embeds=prepared.inputs_embeds,
             attention_mask=torch.ones_like(prepared.input_ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
+            pad_token_id=tokenizer.pad_token_id,
         )
     return prepared, logits, out[0, prepared.input_ids.shape[1]:].tolist()
 
@@ -106,7 +106,7 @@ def _run_reference(model, inputs, pad_token_id):
         out = model.generate(
             input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
             attention_mask=torch.ones_like(inputs["input_ids"]), max_new_tokens=NEW_TOKENS, do_sample=False,
-            pad_token_id=pad_token_id, eos_token_id=None,
+            pad_token_id=pad_token_id,
         )
     return logits, out[0, inputs["input_ids"].shape[1]:].tolist()
 

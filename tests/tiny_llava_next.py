@@ -9,6 +9,9 @@ Companion of tests/tiny_llava.py (whose tokenizer, sizes, writers and key mappin
   transformers 4.x: 4.x key names incl. ``image_newline``, ``image_grid_pinpoints`` read as (height, width),
   ``LlavaNextImageProcessor`` preprocessor config (with the hub's ``aspect_ratio_setting``), processor config,
   chat template, ``<image>``/``<pad>`` added tokens.
+* ``next_hf5/``: the same model as transformers 5.6 ``save_pretrained`` writes a freshly built one (sharded,
+  tower keys without ``vision_model.``) plus what ``LlavaNextProcessor.save_pretrained`` writes (image
+  processor settings nested in ``processor_config.json``, ``chat_template.jinja``).
 * ``next_orig/``: the same weights in the ORIGINAL 1.6 format: flat config, ``model_type "llava"``,
   ``image_aspect_ratio "anyres"``, the same ``image_grid_pinpoints`` list (read as (width, height) there),
   ``mm_patch_merge_type "spatial_unpad"``, ``model.image_newline``, the fine-tuned tower under
@@ -59,7 +62,6 @@ from tiny_llava import (
     VISION_HEADS,
     VISION_HIDDEN_SIZE,
     VISION_INTERMEDIATE_SIZE,
-    VISION_LAYERS,
     WEIGHT_STD,
     padded_vocab_size,
 )
@@ -74,7 +76,7 @@ SIGLIP_LAYERS = 2
 QWEN_VOCAB_SIZE = 420  # requested byte-level BPE size (256 byte symbols + merges)
 QWEN_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 
-# llava-v1.6-mistral-7b-hf's chat template (as printed by its processor; third-party copy, see the report).
+# llava-v1.6-mistral-7b-hf's chat template, as its processor prints it (third-party write-up; hub file unseen).
 MISTRAL_NEXT_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' %}"
     "{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}"
@@ -110,6 +112,7 @@ class TinyNextCheckpoints:
     root: Path
     clip_next: Path
     next_hf: Path
+    next_hf5: Path
     next_orig: Path
     next_orig_mistral: Path
     bakllava: Path
@@ -306,6 +309,17 @@ def _write_next_hf(directory: Path, model, tokenizer: Tokenizer, base_vocab: int
                                                aspect_ratio_setting="anyres", image_grid_pinpoints=TINY_PINPOINTS),
         generation={"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": base_vocab + 1},
     )
+
+
+def _write_next_hf5(directory: Path, model, hf_dir: Path) -> None:
+    from transformers import AutoTokenizer, LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    model.save_pretrained(directory, max_shard_size="200KB", safe_serialization=True)
+    LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil.from_pretrained(hf_dir),
+        tokenizer=AutoTokenizer.from_pretrained(hf_dir), patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
+        chat_template=VICUNA_NEXT_CHAT_TEMPLATE, image_token="<image>", num_additional_image_tokens=1,
+    ).save_pretrained(directory)
 
 
 def _write_clip_next(directory: Path, model, seed: int) -> None:
@@ -539,9 +553,10 @@ def write_tiny_next_checkpoints(root: Path, seed: int = 0) -> TinyNextCheckpoint
     base_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     model = build_tiny_next(base_vocab, seed + 10)
     paths = {name: root / name for name in (
-        "clip_next", "next_hf", "next_orig", "next_orig_mistral", "bakllava", "qwen_siglip", "multilayer")}
+        "clip_next", "next_hf", "next_hf5", "next_orig", "next_orig_mistral", "bakllava", "qwen_siglip", "multilayer")}
     _write_clip_next(paths["clip_next"], model, seed + 11)
     _write_next_hf(paths["next_hf"], model, tokenizer, base_vocab)
+    _write_next_hf5(paths["next_hf5"], model, paths["next_hf"])
     _write_next_orig(paths["next_orig"], model, tokenizer, paths["clip_next"], base_vocab, mistral=False)
     _write_next_orig(paths["next_orig_mistral"], model, tokenizer, paths["clip_next"], base_vocab, mistral=True)
     qwen = _write_variants(root, tokenizer, base_vocab, seed)

@@ -21,8 +21,9 @@ SLOT_OPEN = "\ue000"
 SLOT_CLOSE = "\ue001"
 _SLOT = re.compile(f"{SLOT_OPEN}(\\d+):(\\d+)x(\\d+){SLOT_CLOSE}")
 _RESERVED = re.compile(f"[{SLOT_OPEN}{SLOT_CLOSE}]")
-# What truncation can leave of a slot: an opening without its closing character.
-_FRAGMENT = re.compile(f"{SLOT_OPEN}[\\d:x]*$|^[\\d:x]*{SLOT_CLOSE}")
+# What truncation can leave of a slot: an opening without its closing character, with whatever part of
+# "index:WxH" survived (webui's bisect keeps a prefix of the message; template text follows it).
+_FRAGMENT = re.compile(f"{SLOT_OPEN}\\d*(?::\\d*(?:x\\d*)?)?|^[\\d:x]*{SLOT_CLOSE}")
 
 
 def neutralize(text: str) -> str:
@@ -44,6 +45,8 @@ def place_slots(text: str, slots: Sequence[str], placement: str, marker: str = I
     ``<image>`` typed in the text takes the message's images in order; images left over go where the
     checkpoint family was trained to see them: ``before`` -> ``slots + "\\n" + text`` (LLaVA v1+),
     ``after`` -> ``text + "\\n" + slots`` (v0). ``<image>`` markers beyond the image count stay text.
+    The images always appear in the order given: with fewer markers than images, the markers take the
+    last images under ``before`` and the first ones under ``after``.
     """
     if placement not in ("before", "after"):
         raise ValueError(f"placement must be 'before' or 'after', got {placement!r}")
@@ -52,10 +55,17 @@ def place_slots(text: str, slots: Sequence[str], placement: str, marker: str = I
     remaining = list(slots)
     if marker in text:
         pieces = text.split(marker)
+        # The prompt must show a message's images in the order they were sent: with fewer typed markers
+        # than images, the ones left over go in front of the text under "before", so there the markers
+        # take the last images (and under "after" the first ones).
+        typed = min(len(pieces) - 1, len(remaining))
+        first = len(remaining) - typed if placement == "before" else 0
+        taken, remaining = remaining[first:first + typed], remaining[:first] + remaining[first + typed:]
         rebuilt = pieces[0]
         for piece in pieces[1:]:
-            rebuilt += (remaining.pop(0) if remaining else marker) + piece
+            rebuilt += (taken.pop(0) if taken else marker) + piece
         text = rebuilt
+    remaining = [s for s in remaining if s]  # "" stands for an image without a slot
     if not remaining:
         return text
     joined = "".join(remaining)

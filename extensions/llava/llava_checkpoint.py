@@ -278,8 +278,11 @@ class WeightFiles:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as f:
-                return list(f.keys())
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    return list(f.keys())
+            except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: name the damaged file
+                raise _unreadable_weights_error(path, exc) from exc
         return list(_torch_load(path).keys())
 
     def keys(self) -> Iterable[str]:
@@ -300,9 +303,12 @@ class WeightFiles:
             if path.suffix == ".safetensors":
                 from safetensors import safe_open
 
-                with safe_open(str(path), framework="pt") as f:
-                    for key in file_keys:
-                        tensors[key] = f.get_tensor(key)
+                try:
+                    with safe_open(str(path), framework="pt") as f:
+                        for key in file_keys:
+                            tensors[key] = f.get_tensor(key)
+                except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: name the damaged file
+                    raise _unreadable_weights_error(path, exc) from exc
             else:
                 state = _torch_load(path)
                 for key in file_keys:
@@ -333,6 +339,15 @@ def _torch_load(path: Path) -> dict:
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise _refused_pickle_error(path, exc) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # a truncated or corrupt zip/pickle
+        raise _unreadable_weights_error(path, exc) from exc
+
+
+def _unreadable_weights_error(path, exc: BaseException) -> CheckpointError:
+    text = str(exc).strip()
+    reason = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    return CheckpointError(f"cannot read the weights file {path} ({reason}); it is damaged or incomplete, "
+                           "download it again")
 
 
 def _refused_pickle_error(path, exc: pickle.UnpicklingError) -> CheckpointError:

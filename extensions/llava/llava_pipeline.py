@@ -231,17 +231,29 @@ class LlavaPipeline:
         )
 
     @torch.no_grad()
-    def encode_images(self, images: Sequence[Any], should_stop=None) -> list[torch.Tensor]:
-        """RGB PIL images -> one ``[image_tokens(size), H_lm]`` tensor each (projector device and dtype).
+    def encode_images(self, images: Sequence[Any], should_stop=None, keys: Sequence[Any] | None = None) -> list[torch.Tensor]:
+        """RGB PIL images -> one ``[image_tokens(size), H_lm]`` tensor each (on the CPU, projector dtype).
 
-        Images seen before (same pixels) come from the cache; the tower runs once, batched, for the rest.
+        Images seen before come from the cache; the tower runs once, batched, for the rest. ``keys``, if
+        given, are the cache keys (e.g. a hash of the encoded file), and ``images`` may then be zero-arg
+        callables that decode the image: a cached image is never decoded again. Without keys the key is
+        a digest of the pixels. Entries live on the CPU so that the cache holds no accelerator memory.
         ``should_stop()`` is polled before the tower runs; True raises :class:`EncodingCancelled`.
         """
         started = time.perf_counter()
-        keys = [llava_image_io.image_digest(image) for image in images]
+        if keys is None:
+            keys = [("pixels", llava_image_io.image_digest(image)) for image in images]
+        else:
+            keys = [("given", key) for key in keys]
         results: list[torch.Tensor | None] = [self.cache.get(key) for key in keys]
         missing = [i for i, r in enumerate(results) if r is None]
         if missing and should_stop is not None and should_stop():
+            raise EncodingCancelled("image encoding was stopped")
+        images = list(images)
+        for i in missing:
+            if callable(images[i]):
+                images[i] = images[i]()
+        if missing and should_stop is not None and should_stop():  # decoding large images takes a while too
             raise EncodingCancelled("image encoding was stopped")
         if missing and self.geometry is None:
             pixels = llava_preprocess.preprocess_batch([images[i] for i in missing], self.preprocess_config)
@@ -250,7 +262,7 @@ class LlavaPipeline:
                 embedding = features[row]
                 if self.newline:  # a single-tile image under spatial_unpad ends with one newline row
                     embedding = torch.cat((embedding, self.image_newline.to(embedding)[None]), dim=0)
-                results[index] = embedding.clone()
+                results[index] = embedding.to("cpu", copy=True)
                 self.cache.put(keys[index], results[index])
         elif missing:
             tiled = [
@@ -268,7 +280,7 @@ class LlavaPipeline:
                     embedding = per_tile.reshape(-1, per_tile.shape[-1])
                 else:
                     embedding = pack_features(per_tile, images[index].size, self.geometry, self.image_newline)
-                results[index] = embedding.clone()
+                results[index] = embedding.to("cpu", copy=True)
                 self.cache.put(keys[index], results[index])
         logger.info(
             "Encoded %d image(s) (%d from cache) in %.1f ms",
@@ -295,10 +307,13 @@ class LlavaPipeline:
             return self.spec.image_token_id
         if self.spec.format == "v0":
             return _single_token_id(tokenizer, IM_PATCH_TEXT)
-        for candidate in (tokenizer.unk_token_id, tokenizer.pad_token_id, 0):
-            if candidate is not None:
-                return int(candidate)
-        return 0
+        # Original v1 checkpoints have no image token. The id must not be the pad, BOS or EOS id: callers
+        # such as webui pass no attention mask, and generate() then masks every pad id in the prompt,
+        # which would hide the image (LLaVA-1.5's pad token is <unk>, id 0).
+        avoid = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}
+        avoid |= {self.spec.raw_config.get(key) for key in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        candidates = [tokenizer.unk_token_id, *range(len(tokenizer))]
+        return next(int(c) for c in candidates if c is not None and c not in avoid)
 
     def tokenize(
         self, parts: Sequence[Part], tokenizer, *, add_bos: bool, image_sizes: Sequence[tuple[int, int]] | None = None
@@ -434,19 +449,25 @@ class LlavaPipeline:
         add_bos: bool,
         max_length: int | None = None,
         should_stop=None,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
+        keys: Sequence[Any] | None = None,
     ) -> PreparedInputs:
         """Tokenize ``parts``, drop whole images that do not fit ``max_length`` (from the left), encode the
-        images that remain and splice them in. ``images[i]`` is the RGB image of ``ImageRef(i)``."""
+        images that remain and splice them in. ``images[i]`` is the RGB image of ``ImageRef(i)`` (or, with
+        ``image_sizes`` and ``keys``, a callable returning it; see :meth:`encode_images`)."""
         refs = sorted({p.index for p in parts if isinstance(p, ImageRef)})
         if refs != list(range(len(images))):
             raise LlavaInputError(
                 f"the prompt has {sum(isinstance(p, ImageRef) for p in parts)} image slot(s) for {len(images)} image(s)"
             )
-        prompt = self.tokenize(parts, tokenizer, add_bos=add_bos, image_sizes=[image.size for image in images])
+        if image_sizes is None:
+            image_sizes = [image.size for image in images]
+        prompt = self.tokenize(parts, tokenizer, add_bos=add_bos, image_sizes=image_sizes)
         if max_length is not None:
             prompt = truncate_left(prompt, max_length)
         used = [span.image_index for span in prompt.image_spans]
-        features = self.encode_images([images[i] for i in used], should_stop) if used else []
+        used_keys = [keys[i] for i in used] if keys is not None else None
+        features = self.encode_images([images[i] for i in used], should_stop, used_keys) if used else []
         input_ids, inputs_embeds = self.embed(prompt, features, embed_tokens)
         return PreparedInputs(input_ids, inputs_embeds, prompt, len(used), list(prompt.dropped_images))
 

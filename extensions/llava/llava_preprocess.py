@@ -71,6 +71,13 @@ _VALID_FILTERS = frozenset(int(f) for f in Image.Resampling)
 _MAX_FILTER_SUPPORT = 3.0
 _SUPPORT_MARGIN = 2
 
+# Resizes whose full output would exceed this many pixels compute only the cropped window
+# (`_windowed_resize`); padding never builds a square beyond `_PAD_MAX_SIDE`² for elongated images
+# (`_shrink_for_padding`). Both only concern extreme aspect ratios, where the reference's work (and
+# memory: 336×6.7 M pixels for a 1×20000 image) is out of proportion to the image.
+_FULL_RESIZE_MAX_PIXELS = 1 << 24
+_PAD_MAX_SIDE = 4096
+
 # Below this many output pixels per pass, thread hand-off costs more than it saves.
 _MIN_PIXELS_PER_THREAD = 32_768
 _MAX_RESIZE_THREADS = 4
@@ -330,6 +337,8 @@ def _crop_window(size: int, crop: int) -> tuple[int, int, int]:
 
 def _resize_and_crop_uint8(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """Steps 1-3 (pad, resize, center crop) on uint8: ``[h, w, 3]`` with (h, w) = cfg.expected_size."""
+    if cfg.pad_to_square:
+        image = _shrink_for_padding(image)
     width, height = image.size
     padded = cfg.pad_to_square and width != height
     in_w, in_h = (max(width, height),) * 2 if padded else (width, height)
@@ -350,6 +359,26 @@ def _resize_and_crop_uint8(image: Image.Image, cfg: PreprocessConfig) -> np.ndar
     result = np.zeros((cfg.crop_height, cfg.crop_width, 3), dtype=np.uint8)
     result[row_at:row_at + n_rows, col_at:col_at + n_cols] = window
     return result
+
+
+def _shrink_for_padding(image: Image.Image) -> Image.Image:
+    """Elongated images downscaled (aspect kept) before padding: the padded square of a 1×20000 image is
+    400 M pixels, and the pad + resize work grows with that square, not with the image.
+
+    A tall image is padded left and right, so every row of its square is resampled (side² pixels of
+    work): it is shrunk when that exceeds twice its own area. A wide one is padded above and below
+    (uniform rows, resampled once): shrunk only beyond 16:1. Either way only when the long side exceeds
+    `_PAD_MAX_SIDE`, to that side; a deviation from the reference (which resamples the whole square)
+    for such shapes only.
+    """
+    width, height = image.size
+    side = max(width, height)
+    elongation = 2 if height > width else 16
+    if side <= _PAD_MAX_SIDE or side * side <= elongation * width * height:
+        return image
+    scale = _PAD_MAX_SIDE / side
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.BOX)
 
 
 def _pad_image(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -398,6 +427,8 @@ def _resize_window(source: _PaddedSource, out_size: tuple[int, int], keep_rows: 
                    keep_cols: tuple[int, int], resample: int) -> np.ndarray:
     """``source`` resized by PIL to out_size (w, h), only rows/cols in the keep ranges: uint8 ``[h', w', 3]``."""
     out_w, out_h = out_size
+    if out_w * out_h > _FULL_RESIZE_MAX_PIXELS and resample in _TWO_PASS_FILTERS:
+        return _windowed_resize(source, out_size, keep_rows, keep_cols, resample)
     horizontal, vertical = out_w != source.width, out_h != source.height
     order = _pil_pass_order(source.width, source.height, out_w, out_h) if horizontal and vertical else "H"
     if resample not in _TWO_PASS_FILTERS or order is None or not _pass_split_verified():
@@ -406,6 +437,31 @@ def _resize_window(source: _PaddedSource, out_size: tuple[int, int], keep_rows: 
     if order == "H":
         return _horizontal_then_vertical(source, out_w, out_h, keep_rows, keep_cols, resample)
     return _vertical_then_horizontal(source.full(), out_w, out_h, keep_rows, keep_cols, resample)
+
+
+def _windowed_resize(source: _PaddedSource, out_size: tuple[int, int], keep_rows: tuple[int, int],
+                     keep_cols: tuple[int, int], resample: int) -> np.ndarray:
+    """Only the kept window of a resize whose full output would be huge (shortest edge 336 turns a 1×20000
+    image into 336×6.7 M pixels, of which the crop keeps 336×336).
+
+    PIL resamples just the input region the window reads, given as a float ``box``: the same filter at
+    the same scale, but with sample positions computed relative to the region, so a value can differ
+    from the full resize by a rounding step. Only images whose full resize exceeds
+    `_FULL_RESIZE_MAX_PIXELS` take this path (aspect ratios beyond ~148:1 at 336 px).
+    """
+    out_w, out_h = out_size
+    x0, x1 = _span_read(source.width, out_w, keep_cols)
+    y0, y1 = _span_read(source.height, out_h, keep_rows)
+    if source.background is None:
+        region = source.image.crop((x0, y0, x1, y1))
+    else:
+        region = Image.new("RGB", (x1 - x0, y1 - y0), source.background)
+        region.paste(source.image, (source.offset_x - x0, source.offset_y - y0))
+    scale_x, scale_y = source.width / out_w, source.height / out_h
+    box = (keep_cols[0] * scale_x - x0, keep_rows[0] * scale_y - y0,
+           min(keep_cols[1] * scale_x, x1) - x0, min(keep_rows[1] * scale_y, y1) - y0)
+    size = (keep_cols[1] - keep_cols[0], keep_rows[1] - keep_rows[0])
+    return np.asarray(region.resize(size, resample, box=box))
 
 
 def _horizontal_then_vertical(source: _PaddedSource, out_w: int, out_h: int, keep_rows: tuple[int, int],

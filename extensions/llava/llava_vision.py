@@ -6,8 +6,13 @@ the checkpoint's own tensors onto their own device and dtype.
 
 Speed without changing the arithmetic (bench/bench_cpu.py and bench/bench_gpu.py measure it):
 
+* Truncation: the reference runs every layer and keeps all hidden states; we stop after the selected
+  one (23 of 24 layers for LLaVA-1.5). On the CPU this is most of what can be saved exactly: the tower
+  is GEMM-bound (MKL), so the items below change CPU time by less than run-to-run noise.
 * Each layer's query, key and value weights are views into one ``[3C, C]`` tensor, so one GEMM
-  computes all three projections; the values, and therefore the results, are the reference's.
+  computes all three projections (fewer kernel launches on the GPU). On the CPU the outputs are
+  bit-identical to the reference's; on the GPU the merged GEMM may pick another cuBLAS kernel, so
+  results can differ at the level of fp16 rounding.
 * Encoder layers run through our own forward with the same operations in the same order as the
   transformers layers, but residual adds and QuickGELU work in place (fewer large temporaries).
 * On CUDA, :meth:`VisionTower.enable_cuda_graphs` captures the whole tower once per input shape and
@@ -41,9 +46,18 @@ def resolve_dtype(bits: str | int, device: torch.device) -> torch.dtype:
     key = str(bits).lower().replace("float", "").replace("fp", "")
     if key not in BITS_TO_DTYPE:
         raise ValueError(f"bits must be one of 32, 16, bf16; got {bits!r}")
-    if key == "16" and device.type == "cpu":
-        return torch.bfloat16
-    return BITS_TO_DTYPE[key]
+    dtype = torch.bfloat16 if key == "16" and device.type == "cpu" else BITS_TO_DTYPE[key]
+    if dtype == torch.bfloat16 and device.type == "cpu" and not _cpu_has_bf16_units():
+        logger.warning(
+            "bfloat16 on this CPU is emulated (no AVX512-BF16 / AMX): slower and less exact than 32-bit; "
+            "consider bits 32 for the vision part on the CPU"
+        )
+    return dtype
+
+
+def _cpu_has_bf16_units() -> bool:
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -91,7 +105,8 @@ def find_tower_source(spec: LlavaSpec, override: str | None = None, models_dir: 
         vision_config.setdefault("model_type", "clip_vision_model")
         return TowerSource(spec.model_dir, spec.model_dir, HF_TOWER_PREFIXES, vision_config)
     name = override or spec.vision_tower_name
-    folder = _locate_tower_folder(name, spec.model_dir, models_dir)
+    origin = "from the vision tower setting" if override else "named by mm_vision_tower"
+    folder = _locate_tower_folder(name, spec.model_dir, models_dir, origin)
     vision_config = _vision_config_of(folder)
     if spec.vision_in_checkpoint and not override:
         # Fine-tuned tower stored in the checkpoint (unfreeze_mm_vision_tower); config from the named tower.
@@ -110,7 +125,7 @@ def _vision_config_of(folder: Path) -> dict:
     return raw
 
 
-def _locate_tower_folder(name: str, model_dir: Path, models_dir) -> Path:
+def _locate_tower_folder(name: str, model_dir: Path, models_dir, origin: str = "named by mm_vision_tower") -> Path:
     candidates = [Path(name).expanduser()]
     if not Path(name).is_absolute():
         candidates.append(model_dir / name)
@@ -133,12 +148,21 @@ def _locate_tower_folder(name: str, model_dir: Path, models_dir) -> Path:
         except Exception as exc:  # noqa: BLE001 - offline, missing repo, auth: one clear message below
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
     else:
-        reason = "no such folder"
+        # A path, not a hub id: say what is wrong with it (a hub download would make no sense).
+        path = Path(name).expanduser()
+        if path.is_file():
+            problem = "is a file; it must be the tower's folder (config.json and its weights)"
+        elif path.is_dir():
+            problem = "is a folder without config.json, not a vision tower folder"
+        else:
+            problem = "does not exist (no such folder)"
+        raise CheckpointError(f"vision tower {name!r} ({origin}) {problem}; point the vision tower setting "
+                              "to the tower's folder or a hub id such as openai/clip-vit-large-patch14-336.")
     where = f" or into {Path(models_dir) / name.replace('/', '_')}" if models_dir is not None else ""
     raise CheckpointError(
-        f"vision tower {name!r} (named by mm_vision_tower) was not found locally and could not be downloaded "
-        f"({reason}). Download it with `huggingface-cli download {name}`{where}, or set the vision tower "
-        "setting to a local folder."
+        f"vision tower {name!r} ({origin}) was not found locally and could not be downloaded "
+        f"({reason}). Download it with `hf download {name}` (huggingface-hub < 1.0: "
+        f"`huggingface-cli download {name}`){where}, or set the vision tower setting to a local folder."
     )
 
 
@@ -249,7 +273,7 @@ class VisionTower(nn.Module):
         """pixels ``[B, 3, S, S]`` (any float dtype) -> ``[B, N, C * len(layers)]`` in the tower's dtype."""
         pixels = pixel_values.to(self.embeddings.patch_embedding.weight.dtype)
         if self._cuda_graphs is not None and pixels.is_cuda and not torch.is_grad_enabled():
-            return self._cuda_graphs(pixels)
+            return self._cuda_graphs(self._encode, pixels)
         return self._encode(pixels)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -271,7 +295,8 @@ class VisionTower(nn.Module):
         The transformers layer's operations in its order (pre-norm attention, residual, pre-norm MLP,
         residual); only the q/k/v GEMMs are merged into one and temporaries are reused. Adds are
         commutative and the in-place QuickGELU performs the reference's three roundings, so the
-        results are the reference's up to the GEMM library's blocking of the merged matmul.
+        results are the reference's up to how the GEMM library blocks the merged matmul (bit-identical
+        with MKL on the CPU in our checks).
         """
         attention = layer.self_attn
         batch, length, width = hidden.shape
@@ -350,7 +375,7 @@ class VisionTower(nn.Module):
         """
         if max_shapes < 1:
             raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
-        self._cuda_graphs = _CudaGraphCache(self._encode, max_shapes)
+        self._cuda_graphs = _CudaGraphCache(max_shapes)
 
     def disable_cuda_graphs(self) -> None:
         """Drop captured graphs (and their memory); later calls run eagerly."""
@@ -361,6 +386,11 @@ class VisionTower(nn.Module):
     @property
     def cuda_graphs_enabled(self) -> bool:
         return self._cuda_graphs is not None
+
+    @property
+    def captured_graph_shapes(self) -> list[tuple[int, ...]]:
+        """Input shapes that currently replay a captured graph (failed captures are not listed)."""
+        return self._cuda_graphs.captured_shapes() if self._cuda_graphs is not None else []
 
 
 def _is_row_block(part: torch.Tensor, whole: torch.Tensor, block: int) -> bool:
@@ -383,38 +413,38 @@ def _activation_in_place(activation: nn.Module, values: torch.Tensor) -> torch.T
 
 
 class _CudaGraphCache:
-    """Captured CUDA graphs of ``function`` (one tensor in, one tensor out), one per input shape/dtype/device.
+    """Captured CUDA graphs of a one-tensor-in, one-tensor-out function, one per input shape/dtype/device.
 
     Input and output live in static buffers owned by each graph: a call copies its input in, replays and
     returns a clone of the output. A lock serialises replays (static buffers are shared by all callers).
     A shape whose capture fails (e.g. another thread used the GPU mid-capture) runs eagerly from then on.
+    The function is passed on every call rather than stored, so that the tower and this cache form no
+    reference cycle (the tower's GPU memory is freed as soon as the pipeline drops it).
     """
 
-    def __init__(self, function, max_shapes: int):
-        self.function = function
+    def __init__(self, max_shapes: int):
         self.max_shapes = max_shapes
         self._graphs: dict[tuple, tuple[torch.Tensor, torch.Tensor, "torch.cuda.CUDAGraph"] | None] = {}
-        self._pool = None
         self._lock = threading.Lock()
 
-    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, function, inputs: torch.Tensor) -> torch.Tensor:
         key = (tuple(inputs.shape), inputs.dtype, inputs.device)
         # Static buffers must be normal tensors: an inference-mode caller would otherwise create
         # inference tensors that a later no_grad caller may not copy into.
         with self._lock, torch.inference_mode(False), torch.no_grad(), torch.cuda.device(inputs.device):
             if key not in self._graphs:
                 if len(self._graphs) >= self.max_shapes:
-                    return self.function(inputs)
-                self._graphs[key] = self._capture(inputs)
+                    return function(inputs)
+                self._graphs[key] = self._capture(function, inputs)
             entry = self._graphs[key]
             if entry is None:
-                return self.function(inputs)
+                return function(inputs)
             static_inputs, static_outputs, graph = entry
             static_inputs.copy_(inputs)
             graph.replay()
             return static_outputs.clone()
 
-    def _capture(self, inputs: torch.Tensor):
+    def _capture(self, function, inputs: torch.Tensor):
         static_inputs = inputs.clone()
         try:
             # Warm-up on a side stream before capture, as torch.cuda.graph requires (lazy init, autotuning).
@@ -422,24 +452,26 @@ class _CudaGraphCache:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self.function(static_inputs)
+                    function(static_inputs)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                static_outputs = self.function(static_inputs)
+            # thread_local: a webui thread using the GPU meanwhile does not invalidate the capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static_outputs = function(static_inputs)
         except RuntimeError as exc:
             logger.warning("CUDA graph capture of the vision tower failed for input %s (%s); running it eagerly",
                            tuple(inputs.shape), exc)
             return None
-        if self._pool is None:
-            self._pool = graph.pool()
         logger.info("Captured a CUDA graph of the vision tower for input %s %s", tuple(inputs.shape), inputs.dtype)
         return static_inputs, static_outputs, graph
+
+    def captured_shapes(self) -> list[tuple[int, ...]]:
+        with self._lock:
+            return [key[0] for key, entry in self._graphs.items() if entry is not None]
 
     def clear(self) -> None:
         with self._lock:
             self._graphs.clear()
-            self._pool = None
 
 
 def tower_state_keys(vision_config: dict, layers: tuple[int, ...]) -> list[str]:

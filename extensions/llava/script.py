@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import re
 import sys
 import threading
 import time
@@ -174,8 +175,13 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# Settings that change the loaded vision modules (the others are read per request).
+VISION_SETTINGS = ("clip_bits", "clip_device", "projector_bits", "projector_device", "vision_tower", "cache_mb",
+                   "max_image_pixels", "exif_transpose")
+
+
 def _settings_key() -> tuple:
-    return tuple((name, str(params.get(name))) for name in sorted(SETTING_TYPES))
+    return tuple((name, str(params.get(name))) for name in VISION_SETTINGS)
 
 
 def _vision_settings():
@@ -263,9 +269,26 @@ def _api_user_messages(state) -> list[tuple[str, list[str]]]:
 # ---------------------------------------------------------------------------------------------- hooks
 
 
+PIPELINE_LOGGERS = ("llava_checkpoint", "llava_vision", "llava_pipeline", "llava_preprocess", "llava_image_io",
+                    "llava_prompt", "llava_next", "llava_cache", "llava_autoload")
+
+
+def _route_pipeline_logs() -> None:
+    """The pipeline modules log through `logging` (they run without webui too); webui only shows its
+    own logger, so hand their records to its handlers."""
+    import logging
+
+    for name in PIPELINE_LOGGERS:
+        pipeline_logger = logging.getLogger(name)
+        pipeline_logger.handlers = list(logger.handlers)
+        pipeline_logger.setLevel(logging.INFO)
+        pipeline_logger.propagate = not logger.handlers
+
+
 def setup():
     """Register the text-only LLaVA loader, provide instruction templates, load vision for a model
     that webui loaded at startup."""
+    _route_pipeline_logs()
     try:
         import llava_checkpoint
 
@@ -335,28 +358,46 @@ def ui():
     with gr.Accordion("LLaVA", open=True, elem_id="llava-panel"):
         status = gr.Markdown(value=lambda: _vision.status, elem_id="llava-status")
         with gr.Row():
-            picture = gr.Image(label="Image for the next message", type="filepath", format="png",
-                               sources=["upload", "clipboard"], height=200, elem_id="llava-image")
+            # A file box, not gr.Image: Gradio would decode the picture itself and fail with a traceback on a
+            # broken file; the extension's own decoder reports it cleanly once the message is sent.
+            picture = gr.File(label="Image for the next message", file_types=["image"], type="filepath",
+                              elem_id="llava-image")
             with gr.Column():
                 embed_all = gr.Checkbox(value=bool(params["add_all_images_to_prompt"]),
                                         label="Embed all images, not only the last one", elem_id="llava-embed-all")
                 refresh = gr.Button("Refresh status", size="sm")
+                picture_info = gr.Markdown(value="", elem_id="llava-image-info")
     embed_all.change(lambda value: params.update(add_all_images_to_prompt=bool(value)), embed_all, None)
     refresh.click(lambda: (_vision.current(), _vision.status)[1], None, status)
     textbox = shared.gradio.get("textbox")
     if textbox is not None:
-        picture.upload(_attach_to_textbox, [picture, textbox], [picture, textbox])
+        picture.upload(_attach_to_textbox, [picture, textbox], [picture, textbox, picture_info])
 
 
 def _attach_to_textbox(path, textbox_value):
-    """Move the uploaded picture into the chat box's files; it is sent with the next message."""
+    """Move the uploaded picture into the chat box's files (it is sent with the next message) and say
+    how many prompt tokens it will take (LLaVA-NeXT counts depend on the image size)."""
     value = dict(textbox_value or {})
     files = list(value.get("files") or [])
     if path:
         files.append(path)
     value["files"] = files
     value.setdefault("text", "")
-    return None, value
+    return None, value, _image_info(path)
+
+
+def _image_info(path) -> str:
+    pipeline = _vision.current() if path else None
+    if pipeline is None:
+        return ""
+    name = Path(path).name
+    try:
+        with open(path, "rb") as uploaded:  # Gradio's own copy of this user's upload
+            width, height = pipeline.load_image(uploaded.read(), name=name).size
+    except ValueError as exc:
+        return f"⚠️ {html.escape(str(exc), quote=False)}"
+    tokens = pipeline.prompt_positions((width, height))
+    return f"{html.escape(name, quote=False)}: {width}×{height}, {tokens} tokens of context"
 
 
 def custom_generate_chat_prompt(user_input, state, **kwargs):
@@ -380,7 +421,17 @@ def custom_generate_chat_prompt(user_input, state, **kwargs):
         _notify(state, f"the images could not be prepared ({_first_line(exc)}); answered without them")
         return None
     state[IMAGES] = images
-    return chat.generate_chat_prompt(new_input, state, **dict(kwargs, history=new_history))
+    # Built from a copy whose texts (system message, context, names, ...) cannot carry slot characters.
+    build_state = {key: llava_chat.neutralize(value) if isinstance(value, str) else value
+                   for key, value in state.items()}
+    prompt = chat.generate_chat_prompt(new_input, build_state, **dict(kwargs, history=new_history))
+    # webui's truncation drops whole messages (and can cut a slot): say which images are gone.
+    shown = set(llava_chat.parse_slots(prompt).image_indices)
+    lost = [name for index, (name, _) in enumerate(images) if index not in shown]
+    if lost:
+        _notify(state, f"{len(lost)} image(s) fell out of the context and were not shown to the model "
+                       f"({', '.join(lost)})")
+    return prompt
 
 
 class _ApiImageError(ValueError):
@@ -397,6 +448,10 @@ def _raise_api_error(message: str):
 
 def _warn_if_blind(state) -> None:
     """Images sent to a model that cannot see them: say so instead of answering silently blind."""
+    if shared.model is None:
+        # No model at all (idle-unloaded: webui reloads it inside generate_reply, and tokenizer_modifier
+        # then handles the images); webui itself reports a missing model.
+        return
     has_images = bool(state.get("image_attachments") or state.get("raw_images"))
     has_images = has_images or any(urls for _, urls in _api_user_messages(state))
     if has_images:
@@ -423,8 +478,12 @@ def _slot_history(pipeline, user_input: str, state, kwargs):
     row_images: list[list[tuple[str, str]]] = [[] for _ in rows]
     current_text, current_images = user_input, []
     if is_api:
-        pending = [(text, urls) for text, urls in _api_user_messages(state) if urls]
-        targets = list(range(len(rows))) + ([-1] if current_included else [])
+        # Every user message, text-only ones included, is matched to its row in order, so that a text-only
+        # message whose typed text equals a later image message's can never take that message's images.
+        pending = _api_user_messages(state)
+        system_rows = {i for i, row in enumerate(rows) if len(row) > 3 and isinstance(row[3], dict)
+                       and row[3].get("role") == "system"}
+        targets = [i for i in range(len(rows)) if i not in system_rows] + ([-1] if current_included else [])
         for target in targets:
             if not pending:
                 break
@@ -433,6 +492,8 @@ def _slot_history(pipeline, user_input: str, state, kwargs):
             if text != expected:
                 continue
             pending.pop(0)
+            if not urls:
+                continue
             stripped = llava_chat.strip_media_run(text, len(urls))
             entries = [(f"image {i + 1} of a message", url) for i, url in enumerate(urls)]
             if target == -1:
@@ -446,16 +507,37 @@ def _slot_history(pipeline, user_input: str, state, kwargs):
             current_images = _ui_row_images(metadata, len(rows))
 
     every_image = [image for images in row_images for image in images] + current_images
-    if len(every_image) > int(params["max_images_per_request"]):
-        message = (f"{len(every_image)} images in this chat exceed the limit of {params['max_images_per_request']} "
+    first_new = len(every_image) - len(current_images)
+    keep_all = bool(params["add_all_images_to_prompt"])
+    limit = int(params["max_images_per_request"])
+    if keep_all and len(every_image) > limit:
+        message = (f"{len(every_image)} images in this chat exceed the limit of {limit} "
                    "(setting llava-max_images_per_request); only the most recent ones are used")
         if is_api:
             raise _ApiImageError(message)
         _notify(state, message)
-    keep_all = bool(params["add_all_images_to_prompt"])
-    allowed = len(every_image) if keep_all else 1
-    allowed = min(allowed, int(params["max_images_per_request"]))
-    keep = set(range(len(every_image) - allowed, len(every_image)))
+    # The most recent usable images get slots: all of them (up to the limit) with "embed all", else only
+    # the latest one; the others take no positions. Images are checked newest first, so a broken image
+    # is reported when it is sent and afterwards only skipped.
+    sizes: dict[int, tuple[int, int]] = {}
+    for position in reversed(range(len(every_image))):
+        if len(sizes) >= (limit if keep_all else 1):
+            break
+        name, source = every_image[position]
+        is_new = position >= first_new
+        if not _usable_source(state if is_new or is_api else {}, name, source):
+            continue
+        try:
+            sizes[position] = _image_size(pipeline, name, source)
+        except ValueError as exc:  # ImageError: names the image and the reason
+            if is_api:
+                raise _ApiImageError(str(exc)) from exc
+            if is_new:
+                _notify(state, f"{exc}; the rest of the message was answered")
+    skipped = [p for p in range(first_new, len(every_image)) if p not in sizes and p < max(sizes, default=-1)]
+    if skipped and not keep_all:
+        _notify(state, f"only the most recent image is shown to the model ({len(skipped)} earlier image(s) of this "
+                       "message skipped); tick \"Embed all images\" to include every image")
 
     images: list[list[str]] = []
     placement = _placement(pipeline)
@@ -463,27 +545,26 @@ def _slot_history(pipeline, user_input: str, state, kwargs):
     counter = 0
 
     def slots_for(entries) -> list[str]:
+        """One slot per image of a message; "" for an image without one (it still takes its typed
+        <image> marker, so the message's other images stay where the user put them)."""
         nonlocal counter
         slots = []
         for name, source in entries:
             position, counter = counter, counter + 1
-            if position not in keep or not _usable_source(state, name, source):
-                continue
-            try:
-                size = _image_size(pipeline, name, source)
-            except ValueError as exc:  # ImageError: names the image and the reason
-                if is_api:
-                    raise _ApiImageError(str(exc)) from exc
-                _notify(state, f"{exc}; the rest of the message was answered")
-                continue
-            slots.append(llava_chat.slot(len(images), size))
-            images.append([name, source])
+            if position in sizes:
+                slots.append(llava_chat.slot(len(images), sizes[position]))
+                images.append([name, source])
+            else:
+                slots.append("")
         return slots
 
     new_rows = []
     for row, text, entries in zip(rows, texts, row_images):
         clean = llava_chat.neutralize(text)
-        new_rows.append([llava_chat.place_slots(clean, slots_for(entries), placement, marker), *row[1:]])
+        # Every text of the history is neutralized (assistant and system texts come from API clients too),
+        # so the only slots in the prompt are the ones written here.
+        rest = [llava_chat.neutralize(value) if isinstance(value, str) else value for value in row[1:]]
+        new_rows.append([llava_chat.place_slots(clean, slots_for(entries), placement, marker), *rest])
     new_input = llava_chat.place_slots(llava_chat.neutralize(current_text), slots_for(current_images), placement, marker)
     new_metadata = {
         key: (dict(value, attachments=[a for a in value.get("attachments", []) if a.get("type") != "image"])
@@ -506,6 +587,13 @@ def custom_tokenized_length(prompt):
         if not has_slots:
             # Count tokens / chat-prompt paths: webui's own markers, sizes unknown.
             size = (pipeline.tower.image_size, pipeline.tower.image_size)
+            if not params["add_all_images_to_prompt"]:
+                # Only the newest image (the last marker) will take positions; the other images' messages
+                # are sent as their text alone.
+                last = prompt.rfind(MEDIA_MARKER)
+                markers = f"(?:{re.escape(MEDIA_MARKER)})+"
+                head = re.sub(f"{markers}$", "", re.sub(f"{markers}\n\n", "", prompt[:last]))
+                prompt = head + prompt[last:]
             prompt = prompt.replace(MEDIA_MARKER, llava_chat.slot(0, size))
         parsed = llava_chat.parse_slots(prompt)
         tokenized = pipeline.tokenize(parsed.parts, shared.tokenizer, add_bos=_add_bos(prompt, True),
@@ -517,13 +605,32 @@ def custom_tokenized_length(prompt):
 
 
 def _add_bos(prompt: str, add_bos_token: bool) -> bool:
-    """webui's encode(): BOS if asked, unless the prompt text already starts with it (double-BOS filter)."""
+    """webui's encode(): BOS if asked *or* if the tokenizer adds it by itself (webui encodes with
+    add_special_tokens=True and never strips it, even with add_bos_token False, as in instruct mode),
+    unless the prompt text already starts with it (double-BOS filter)."""
     bos = getattr(shared.tokenizer, "bos_token", None)
-    return bool(add_bos_token) and not (bos and prompt.startswith(bos))
+    if bos and prompt.startswith(bos):
+        return False
+    return bool(add_bos_token) or _tokenizer_adds_bos()
+
+
+def _tokenizer_adds_bos() -> bool:
+    tokenizer = shared.tokenizer
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return False
+    try:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    except Exception:  # noqa: BLE001 - an odd tokenizer: keep webui's add_bos_token answer
+        return False
+    return bool(ids) and ids[0] == bos_id
 
 
 def tokenizer_modifier(state, prompt, input_ids, input_embeds):
     """Replace the text-only ids by ids + embeddings with the images spliced in."""
+    if IMAGES not in state:
+        # webui built this prompt itself (impersonate, /v1/completions): any slot character in it was typed.
+        prompt = llava_chat.neutralize(prompt)
     has_slots = llava_chat.has_slots(prompt)
     if not has_slots and MEDIA_MARKER not in prompt and not state.get("raw_images"):
         return prompt, input_ids, input_embeds  # text-only turn: nothing to do
@@ -552,23 +659,25 @@ def _splice(pipeline, state, prompt, input_ids):
 
     if llava_chat.has_slots(prompt):
         slot_prompt, images = prompt, state.get(IMAGES) or []
-    elif MEDIA_MARKER in prompt:
-        slot_prompt, images = _slots_from_markers(pipeline, state, prompt)
-    else:
+    elif state.get("raw_images"):
+        # /v1/completions: the prompt is the client's own text; a <__media__> in it was typed, not webui's.
         slot_prompt, images = _slots_for_raw_images(pipeline, state, prompt)
+    else:
+        slot_prompt, images = _slots_from_markers(pipeline, state, prompt)
     parsed = llava_chat.parse_slots(slot_prompt)
     if any(index >= len(images) for index in parsed.image_indices):
         raise ValueError("an image slot points past the request's images")
     sources = [images[index] for index in parsed.image_indices]
-    decoded = []
-    for name, source in sources:
-        decoded.append(pipeline.load_image(source, name=name))
+    # Images are decoded only when their embedding is not cached: a follow-up turn re-sends every image
+    # of the chat, and decoding them all again would cost more than the cached embeddings save.
+    loaders = [lambda name=name, source=source: pipeline.load_image(source, name=name) for name, source in sources]
+    keys = [_source_key(source) for _, source in sources]
     max_length = int(state["truncation_length"]) - int(state["max_new_tokens"])
     embed = shared.model.get_input_embeddings()
     started = time.perf_counter()
     with torch.inference_mode():
         prepared = pipeline.prepare(
-            parsed.parts, decoded, shared.tokenizer, embed,
+            parsed.parts, loaders, shared.tokenizer, embed, image_sizes=parsed.sizes, keys=keys,
             add_bos=_add_bos(prompt, state.get("add_bos_token", True)),
             max_length=max(1, max_length), should_stop=lambda: bool(shared.stop_everything),
         )
@@ -600,15 +709,18 @@ def _slots_from_markers(pipeline, state, prompt):
             entries = _ui_row_images(metadata, row)
             if entries:
                 rows.append((values[0], entries))
-    found = llava_chat.find_marked_rows(prompt, [(text, len(entries)) for text, entries in rows])
+    # The prompt reached here neutralized (tokenizer_modifier): compare with neutralized texts.
+    found = llava_chat.find_marked_rows(prompt, [(llava_chat.neutralize(text), len(entries)) for text, entries in rows])
     keep_all = bool(params["add_all_images_to_prompt"])
     images, replacements = [], []
     for position, (number, start, end) in enumerate(found):
         entries = rows[number][1]
-        keep_row = keep_all or position == len(found) - 1
+        last_row = position == len(found) - 1
         slots = ""
         for index, (name, source) in enumerate(entries):
-            if keep_row and (keep_all or index == len(entries) - 1) and _usable_source(state, name, source):
+            # Without "embed all" only the most recent image (the last one of the last message) counts.
+            keep = keep_all or (last_row and index == len(entries) - 1)
+            if keep and _usable_source(state, name, source):
                 try:
                     slots += llava_chat.slot(len(images), _image_size(pipeline, name, source))
                     images.append([name, source])
@@ -667,10 +779,31 @@ def logits_processor_modifier(processor_list, input_ids):
     the prompt longer, so end the reply (EOS) where the context ends."""
     limit = getattr(_request_local, "context_limit", None)
     _request_local.context_limit = None
-    if limit is None or shared.tokenizer is None or shared.tokenizer.eos_token_id is None:
+    tokenizer = shared.tokenizer
+    if tokenizer is None:
         return processor_list
-    processor_list.append(_ContextLimit(limit, shared.tokenizer.eos_token_id))
+    if limit is not None and tokenizer.eos_token_id is not None:
+        processor_list.append(_ContextLimit(limit, tokenizer.eos_token_id))
+    if _vision.pipeline is not None and shared.model is not None:
+        # llava-hf pads the vocabulary (32064 rows for 32002 tokens) with random rows; an id past the
+        # tokenizer cannot be decoded and breaks webui's streaming, so those ids are never chosen.
+        rows = shared.model.get_input_embeddings().weight.shape[0]
+        if rows > len(tokenizer):
+            processor_list.append(_VocabLimit(len(tokenizer)))
     return processor_list
+
+
+class _VocabLimit:
+    """Logits processor: ids at or beyond ``size`` (padding rows without a token) get -inf."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, input_ids, scores):
+        if scores.shape[-1] > self.size:
+            scores = scores.clone()
+            scores[:, self.size:] = float("-inf")
+        return scores
 
 
 class _ContextLimit:

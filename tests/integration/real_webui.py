@@ -31,7 +31,8 @@ from pathlib import Path
 
 WEBUI_DIR_ENV = "WEBUI_DIR"
 WEBUI_PYTHON_ENV = "WEBUI_PYTHON"
-# Startup measured at 8-15 s on 2 CPU cores; the bound leaves room for a loaded CI machine.
+# Readiness took 7-21 s with --nowebui and 15-31 s with the UI on 2 shared CPU cores; the bound leaves
+# room for a slower machine.
 DEFAULT_READY_TIMEOUT_S = 180.0
 DEFAULT_REQUEST_TIMEOUT_S = 120.0
 
@@ -41,8 +42,10 @@ _API_URL_PATTERN = re.compile(r"http://127\.0\.0\.1:(\d+)/v1")
 _UI_URL_PATTERN = re.compile(r"Running on local URL:\s+http://127\.0\.0\.1:(\d+)")
 # What webui logs when that check fails: create_interface() dies while the API keeps serving.
 _UI_LAUNCH_FAILURES = ("When localhost is not accessible", "ReadTimeout")
-# That check is one HEAD with a 3 s timeout (it retries only on a non-200 answer); plus a margin.
-_UI_SELF_CHECK_S = 4.0
+# That check is one HEAD with a 3 s timeout (it retries only on a non-200 answer). The margin covers
+# a slow start of the request and rich rendering the traceback on a loaded machine (seen: > 1 s).
+_UI_SELF_CHECK_S = 8.0
+_BOX_PADDING = re.compile(r"\s{2,}│$")
 
 # A Vicuna / LLaVA-1.5 style template: what llava-hf checkpoints ship, and what webui turns into its
 # instruction template when it finds chat_template.jinja next to tokenizer_config.json.
@@ -180,7 +183,7 @@ def write_tiny_llama(model_dir: Path, seed: int = 0) -> Path:
 
 @dataclass
 class WebuiServer:
-    """One webui process. Use as a context manager: it is stopped (and killed if need be) on exit.
+    """One webui process: ``start_and_wait()``, requests, then ``stop()`` (kills it if need be).
 
     ``model`` is a folder name under ``<user_data_dir>/models`` or ``None`` (start without a model).
     ``nowebui`` skips the Gradio UI (webui then serves only the API).
@@ -231,7 +234,7 @@ class WebuiServer:
             "DO_NOT_TRACK": "1",
             # webui logs through rich, which wraps at 80 columns when not on a terminal; one record per
             # line keeps the log greppable.
-            "COLUMNS": "4000",
+            "COLUMNS": "400",
             # Keep loopback requests away from any proxy the caller's environment sets.
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",
@@ -281,8 +284,8 @@ class WebuiServer:
             raw = self.log_path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return ""
-        # rich pads every console line to the full width (COLUMNS).
-        return "\n".join(line.rstrip() for line in raw.splitlines())
+        # rich pads every console line to the full width (COLUMNS), traceback boxes included.
+        return "\n".join(_BOX_PADDING.sub(" │", line.rstrip()) for line in raw.splitlines())
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_text()[-chars:]
@@ -415,9 +418,3 @@ class WebuiServer:
                 pass
             self.process.wait(timeout=timeout_s)
         return self.process.returncode
-
-    def __enter__(self) -> "WebuiServer":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
