@@ -399,6 +399,7 @@ _HF5_TO_HF4_PREFIXES = (
     ("lm_head.", "language_model.lm_head."),
     ("model.vision_tower.", "vision_tower.vision_model."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.image_newline", "image_newline"),  # LLaVA-NeXT only
 )
 
 

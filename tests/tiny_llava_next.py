@@ -182,26 +182,6 @@ def _siglip_vision_config():
     )
 
 
-# In-memory (transformers 5.x) names -> the names transformers 4.x conversions wrote (llava-formats.md §3.2).
-_MEMORY_TO_HF4 = (
-    ("model.language_model.", "language_model.model."),
-    ("lm_head.", "language_model.lm_head."),
-    ("model.vision_tower.", "vision_tower.vision_model."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
-    ("model.image_newline", "image_newline"),
-)
-
-
-def hf4_names(model) -> dict[str, torch.Tensor]:
-    renamed = {}
-    for name, tensor in model.state_dict().items():
-        for memory_prefix, disk_prefix in _MEMORY_TO_HF4:
-            if name.startswith(memory_prefix):
-                renamed[disk_prefix + name[len(memory_prefix):]] = tensor.detach().clone().contiguous()
-                break
-        else:
-            raise KeyError(f"no llava-hf 4.x name for in-memory key {name}")
-    return renamed
 
 
 def _hf_config_dict(model, architecture: str, transformers_version: str) -> dict:
@@ -239,7 +219,7 @@ def _write_hf_dir(directory: Path, model, architecture: str, *, tokenizer: Token
                   generation: dict, tokenizer_writer=None) -> None:
     directory.mkdir(parents=True)
     _write_json(directory / "config.json", _hf_config_dict(model, architecture, "4.40.0.dev0"))
-    save_file(hf4_names(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tiny_llava.hf4_state_dict(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
     _write_json(directory / "generation_config.json", {"_from_model_config": True, **generation})
     if tokenizer_writer is None:
         tiny_llava._write_tokenizer(directory, tokenizer, added, pad_token=pad_token,
