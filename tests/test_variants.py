@@ -13,11 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -187,7 +183,6 @@ def test_report_max_logit_delta(record_property):
 
 CLI = Path(__file__).resolve().parent.parent / "extensions" / "llava" / "cli.py"
 CLI_NEW_TOKENS = 8
-CLI_TIMEOUT_S = 300
 QUESTION = "What is in this picture?"
 CLI_IMAGES = {"a": (70, 45), "b": (50, 33), "c": (130, 120)}
 # kind -> (raw prompt or None for the templated path, image keys). Original NeXT images avoid D1/D2 sizes
@@ -202,23 +197,8 @@ CLI_CASES = {
 }
 
 
-@dataclass
-class CliRun:
-    args: list[str]
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    def describe(self) -> str:
-        return f"cli.py {' '.join(self.args)}\nrc={self.returncode}\nstdout={self.stdout!r}\nstderr:\n{self.stderr}"
-
-
-def _run_cli(args: list[str], env: dict[str, str]) -> CliRun:
-    started = time.perf_counter()
-    completed = subprocess.run([sys.executable, str(CLI), *args], env=env, capture_output=True, timeout=CLI_TIMEOUT_S)
-    return CliRun(args, completed.returncode, completed.stdout.decode("utf-8"), completed.stderr.decode("utf-8"),
-                  time.perf_counter() - started)
+# The CLI runner of the CLI tests (same contract: stdout, stderr, exit status, wall time).
+from test_cli import CliRun, _run_cli  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
