@@ -73,7 +73,7 @@ SETTING_TYPES = {
 }
 
 NOTICES = "llava_notices"  # state key: list of messages shown above the reply
-IMAGES = "llava_images"  # state key: [[name, data URL], ...] the slots of this request point into
+IMAGES = "llava_images"  # state key: [[name, data URL, content key], ...] the slots of this request point into
 
 
 # ---------------------------------------------------------------------------------------------- vision
@@ -221,19 +221,22 @@ def _notify(state, message: str) -> None:
 # ---------------------------------------------------------------------------------------------- images
 
 
-def _image_size(pipeline, name: str, source: str) -> tuple[int, int]:
-    """Decode an image once to validate it and learn its size; later turns hit the size table."""
+def _check_image(pipeline, name: str, source: str) -> tuple[str, tuple[int, int]]:
+    """Decode an image once to validate it and learn its size; later turns hit the size table.
+
+    Returns ``(content key, (width, height))``; the key is also the embedding-cache key, computed here
+    once per image and request (hashing a large data URL is not free)."""
     key = _source_key(source)
     with _sizes_lock:
         if key in _sizes:
             _sizes.move_to_end(key)
-            return _sizes[key]
+            return key, _sizes[key]
     size = pipeline.load_image(source, name=name).size
     with _sizes_lock:
         _sizes[key] = size
         while len(_sizes) > _MAX_SIZE_ENTRIES:
             _sizes.popitem(last=False)
-    return size
+    return key, size
 
 
 def _source_key(source) -> str:
@@ -427,7 +430,7 @@ def custom_generate_chat_prompt(user_input, state, **kwargs):
     prompt = chat.generate_chat_prompt(new_input, build_state, **dict(kwargs, history=new_history))
     # webui's truncation drops whole messages (and can cut a slot): say which images are gone.
     shown = set(llava_chat.parse_slots(prompt).image_indices)
-    lost = [name for index, (name, _) in enumerate(images) if index not in shown]
+    lost = [name for index, (name, *_) in enumerate(images) if index not in shown]
     if lost:
         _notify(state, f"{len(lost)} image(s) fell out of the context and were not shown to the model "
                        f"({', '.join(lost)})")
@@ -464,8 +467,8 @@ def _warn_if_blind(state) -> None:
 def _slot_history(pipeline, user_input: str, state, kwargs):
     """Copy of the history with each message's images written as slots and no image attachments.
 
-    Returns ``(user_input, history, images)``; ``images`` is ``[[name, data URL], ...]`` indexed by the
-    slots. With "embed all" off only the most recent image gets a slot; the others take no tokens.
+    Returns ``(user_input, history, images)``; ``images`` is ``[[name, data URL, content key], ...]``
+    indexed by the slots. With "embed all" off only the most recent image gets a slot; the others take no tokens.
     """
     history = kwargs.get("history", state["history"])
     rows = history["internal"]
@@ -519,22 +522,22 @@ def _slot_history(pipeline, user_input: str, state, kwargs):
     # The most recent usable images get slots: all of them (up to the limit) with "embed all", else only
     # the latest one; the others take no positions. Images are checked newest first, so a broken image
     # is reported when it is sent and afterwards only skipped.
-    sizes: dict[int, tuple[int, int]] = {}
+    checked: dict[int, tuple[str, tuple[int, int]]] = {}  # position -> (content key, size)
     for position in reversed(range(len(every_image))):
-        if len(sizes) >= (limit if keep_all else 1):
+        if len(checked) >= (limit if keep_all else 1):
             break
         name, source = every_image[position]
         is_new = position >= first_new
         if not _usable_source(state if is_new or is_api else {}, name, source):
             continue
         try:
-            sizes[position] = _image_size(pipeline, name, source)
+            checked[position] = _check_image(pipeline, name, source)
         except ValueError as exc:  # ImageError: names the image and the reason
             if is_api:
                 raise _ApiImageError(str(exc)) from exc
             if is_new:
                 _notify(state, f"{exc}; the rest of the message was answered")
-    skipped = [p for p in range(first_new, len(every_image)) if p not in sizes and p < max(sizes, default=-1)]
+    skipped = [p for p in range(first_new, len(every_image)) if p not in checked and p < max(checked, default=-1)]
     if skipped and not keep_all:
         _notify(state, f"only the most recent image is shown to the model ({len(skipped)} earlier image(s) of this "
                        "message skipped); tick \"Embed all images\" to include every image")
@@ -551,9 +554,10 @@ def _slot_history(pipeline, user_input: str, state, kwargs):
         slots = []
         for name, source in entries:
             position, counter = counter, counter + 1
-            if position in sizes:
-                slots.append(llava_chat.slot(len(images), sizes[position]))
-                images.append([name, source])
+            if position in checked:
+                key, size = checked[position]
+                slots.append(llava_chat.slot(len(images), size))
+                images.append([name, source, key])
             else:
                 slots.append("")
         return slots
@@ -670,8 +674,8 @@ def _splice(pipeline, state, prompt, input_ids):
     sources = [images[index] for index in parsed.image_indices]
     # Images are decoded only when their embedding is not cached: a follow-up turn re-sends every image
     # of the chat, and decoding them all again would cost more than the cached embeddings save.
-    loaders = [lambda name=name, source=source: pipeline.load_image(source, name=name) for name, source in sources]
-    keys = [_source_key(source) for _, source in sources]
+    loaders = [lambda name=name, source=source: pipeline.load_image(source, name=name) for name, source, _ in sources]
+    keys = [key for _, _, key in sources]
     max_length = int(state["truncation_length"]) - int(state["max_new_tokens"])
     embed = shared.model.get_input_embeddings()
     started = time.perf_counter()
@@ -722,8 +726,9 @@ def _slots_from_markers(pipeline, state, prompt):
             keep = keep_all or (last_row and index == len(entries) - 1)
             if keep and _usable_source(state, name, source):
                 try:
-                    slots += llava_chat.slot(len(images), _image_size(pipeline, name, source))
-                    images.append([name, source])
+                    key, size = _check_image(pipeline, name, source)
+                    slots += llava_chat.slot(len(images), size)
+                    images.append([name, source, key])
                 except ValueError as exc:
                     _notify(state, str(exc))
         replacements.append((start, end, slots))
@@ -749,12 +754,12 @@ def _slots_for_raw_images(pipeline, state, prompt):
 
         source = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
         try:
-            size = _image_size(pipeline, name, source)
+            key, size = _check_image(pipeline, name, source)
         except ValueError as exc:
             _notify(state, str(exc))
             continue
         slots.append(llava_chat.slot(len(images), size))
-        images.append([name, source])
+        images.append([name, source, key])
     text = llava_chat.neutralize(prompt)
     marker = pipeline.spec.image_token_text or "<image>"
     if marker in text:
