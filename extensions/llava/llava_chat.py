@@ -109,10 +109,6 @@ def strip_slots(prompt: str) -> str:
     return neutralize(_FRAGMENT.sub("", _SLOT.sub("", prompt)))
 
 
-def count_media_markers(text: str) -> int:
-    return text.count(MEDIA_MARKER)
-
-
 def strip_media_run(text: str, count: int) -> str | None:
     """``"<__media__>"*count + "\\n\\n" + rest`` -> ``rest`` (webui's API layout); None if absent."""
     head = MEDIA_MARKER * count + "\n\n"

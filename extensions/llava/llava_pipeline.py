@@ -205,10 +205,6 @@ class LlavaPipeline:
         single_tile_newline = 1 if self.newline and not self.spec.anyres else 0
         return self.tower.tokens_per_image + single_tile_newline
 
-    @property
-    def variable_image_tokens(self) -> bool:
-        return self.geometry is not None
-
     def image_tokens(self, image_size: tuple[int, int] | None) -> int:
         """Feature rows for an image of ``(width, height)`` (the size is ignored unless anyres)."""
         if self.geometry is None:

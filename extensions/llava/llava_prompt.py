@@ -71,10 +71,6 @@ def split_on_marker(text: str, images: int, marker: str = IMAGE_MARKER) -> list[
     return parts
 
 
-def image_count(parts: Sequence[Part]) -> int:
-    return sum(isinstance(p, ImageRef) for p in parts)
-
-
 def truncate_left(prompt: TokenizedPrompt, max_length: int) -> TokenizedPrompt:
     """Keep the last ``max_length`` positions, never half an image.
 

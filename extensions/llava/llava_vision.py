@@ -474,13 +474,6 @@ class _CudaGraphCache:
             self._graphs.clear()
 
 
-def tower_state_keys(vision_config: dict, layers: tuple[int, ...]) -> list[str]:
-    """State-dict keys of the truncated tower (used to read only the needed tensors)."""
-    with torch.device("meta"):
-        tower = VisionTower(vision_config, layers, keep_cls=True)
-    return list(tower.state_dict().keys())
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Projector
 
