@@ -15,14 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llava_checkpoint import load_language_model
 from llava_next import AnyresGeometry
 from llava_pipeline import LlavaPipeline, VisionSettings
-from llava_prompt import split_on_marker
+from parity_support import load_ours, run_ours
 from tiny_llava import make_test_image
 from tiny_llava_next import OriginalNextReference
 
-CPU = VisionSettings(clip_device="cpu", projector_device="cpu")
 NEW_TOKENS = 10
 ATOL = 1e-5
 
@@ -76,15 +74,7 @@ def reference(tiny_next_checkpoints):
 
 @pytest.fixture(scope="module")
 def ours(tiny_next_checkpoints):
-    from transformers import AutoTokenizer
-
-    loaded = {}
-    for name in ("next_hf", "next_hf5", "next_orig", "next_orig_mistral"):
-        folder = getattr(tiny_next_checkpoints, name)
-        model = load_language_model(folder, dtype=torch.float32).eval()
-        pipeline = LlavaPipeline.load(folder, CPU, lm_hidden_size=model.config.hidden_size)
-        loaded[name] = (pipeline, model, AutoTokenizer.from_pretrained(str(folder)))
-    return loaded
+    return load_ours(tiny_next_checkpoints, ("next_hf", "next_hf5", "next_orig", "next_orig_mistral"))
 
 
 @pytest.fixture(scope="module")
@@ -93,19 +83,7 @@ def original_reference(tiny_next_checkpoints):
 
 
 def _run_ours(loaded, prompt, images):
-    pipeline, model, tokenizer = loaded
-    prepared = pipeline.prepare(
-        split_on_marker(prompt, len(images)), images, tokenizer, model.get_input_embeddings(), add_bos=True
-    )
-    with torch.no_grad():
-        logits = model(inputs_embeds=prepared.inputs_embeds).logits[0]
-        out = model.generate(
-            input_ids=prepared.input_ids, inputs_embeds=prepared.inputs_embeds,
-            attention_mask=torch.ones_like(prepared.input_ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-            pad_token_id=0,
-        )
-    assert prepared.input_ids.shape[1] == prepared.inputs_embeds.shape[1]
-    return prepared, logits, out[0, prepared.input_ids.shape[1]:].tolist()
+    return run_ours(loaded, prompt, images, new_tokens=NEW_TOKENS)
 
 
 def _generate_reference(model, vocab, **inputs):

@@ -16,12 +16,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llava_checkpoint import load_language_model
-from llava_pipeline import LlavaPipeline, VisionSettings
 from llava_prompt import split_on_marker
+from parity_support import load_ours, run_ours
 from tiny_llava import make_test_image
 
-CPU = VisionSettings(clip_device="cpu", projector_device="cpu")
 NEW_TOKENS = 12
 
 # (prompt with one <image> per image, image sizes (W, H)); images at the start, middle and end, and two.
@@ -47,15 +45,7 @@ def references(tiny_checkpoints):
 @pytest.fixture(scope="module")
 def ours(tiny_checkpoints):
     """format name -> (pipeline, language model, tokenizer), each loaded by the project's own code."""
-    from transformers import AutoTokenizer
-
-    loaded = {}
-    for name in ("v0", "v15", "hf", "hf5"):
-        folder = getattr(tiny_checkpoints, name)
-        model = load_language_model(folder, dtype=torch.float32).eval()
-        pipeline = LlavaPipeline.load(folder, CPU, lm_hidden_size=model.config.hidden_size)
-        loaded[name] = (pipeline, model, AutoTokenizer.from_pretrained(str(folder)))
-    return loaded
+    return load_ours(tiny_checkpoints, ("v0", "v15", "hf", "hf5"))
 
 
 def _images(sizes):
@@ -63,19 +53,7 @@ def _images(sizes):
 
 
 def _run_ours(loaded, prompt, images, marker="<image>"):
-    pipeline, model, tokenizer = loaded
-    prepared = pipeline.prepare(
-        split_on_marker(prompt, len(images), marker), images, tokenizer, model.get_input_embeddings(), add_bos=True
-    )
-    with torch.no_grad():
-        logits = model(inputs_embeds=prepared.inputs_embeds).logits[0]
-        out = model.generate(
-            input_ids=prepared.input_ids, inputs_embeds=prepared.inputs_embeds,
-            attention_mask=torch.ones_like(prepared.input_ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-            pad_token_id=0,
-        )
-    assert prepared.input_ids.shape[1] == prepared.inputs_embeds.shape[1]
-    return prepared, logits, out[0, prepared.input_ids.shape[1]:].tolist()
+    return run_ours(loaded, prompt, images, new_tokens=NEW_TOKENS, marker=marker)
 
 
 def _run_reference(model, input_ids, pixel_values, vocab):

@@ -20,12 +20,12 @@ import pytest
 import torch
 
 import llava_checkpoint
-from llava_checkpoint import load_language_model, read_llava_spec
-from llava_pipeline import LlavaPipeline, VisionSettings
-from llava_prompt import TEMPLATES, place_images, render_conversation, split_on_marker
+from llava_checkpoint import read_llava_spec
+from llava_pipeline import LlavaPipeline
+from llava_prompt import TEMPLATES, place_images, render_conversation
+from parity_support import CPU, load_ours, run_ours
 from tiny_llava import make_test_image
 
-CPU = VisionSettings(clip_device="cpu", projector_device="cpu")
 NEW_TOKENS = 10
 ATOL = 1e-5
 VARIANTS = ("bakllava", "qwen_siglip", "multilayer")
@@ -71,29 +71,11 @@ def references(tiny_next_checkpoints):
 
 @pytest.fixture(scope="module")
 def ours(tiny_next_checkpoints):
-    from transformers import AutoTokenizer
-
-    loaded = {}
-    for name in VARIANTS:
-        folder = getattr(tiny_next_checkpoints, name)
-        model = load_language_model(folder, dtype=torch.float32).eval()
-        pipeline = LlavaPipeline.load(folder, CPU, lm_hidden_size=model.config.hidden_size)
-        loaded[name] = (pipeline, model, AutoTokenizer.from_pretrained(str(folder)))
-    return loaded
+    return load_ours(tiny_next_checkpoints, VARIANTS)
 
 
 def _run_ours(loaded, prompt, images):
-    pipeline, model, tokenizer = loaded
-    prepared = pipeline.prepare(split_on_marker(prompt, len(images)), images, tokenizer, model.get_input_embeddings(),
-                                add_bos=True)
-    with torch.no_grad():
-        logits = model(inputs_embeds=prepared.inputs_embeds).logits[0]
-        out = model.generate(
-            input_ids=prepared.input_ids, inputs_embeds=prepared.inputs_embeds,
-            attention_mask=torch.ones_like(prepared.input_ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return prepared, logits, out[0, prepared.input_ids.shape[1]:].tolist()
+    return run_ours(loaded, prompt, images, new_tokens=NEW_TOKENS, pad_token_id=loaded[2].pad_token_id)
 
 
 def _run_reference(model, inputs, pad_token_id):
