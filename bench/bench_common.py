@@ -263,6 +263,26 @@ def chat_prompt(tokenizer, turns: int) -> str:
     return text + "USER: Which of these pictures is the brightest, and why do you think so? ASSISTANT:"
 
 
+def extension_followup(pipeline, urls: list[str], parts, tokenizer, embed_tokens):
+    """One turn as the extension's hooks run it when every image of the chat is cached: a content key per
+    re-sent data URL (``source_digest``; the slot already carries the image size), lazy decoders that a
+    cache hit never calls, and ``prepare``. Every turn gets new copies of the URL strings, as a request
+    parsed from JSON does (re-sending the very same string objects is cheaper). Returns a zero-argument
+    callable giving ``inputs_embeds`` ``[1, T, H]``; the first call fills the cache."""
+    from llava_image_io import source_digest
+
+    sizes = [pipeline.load_image(url, name=f"image {i + 1}").size for i, url in enumerate(urls)]
+    loaders = [lambda url=url, i=i: pipeline.load_image(url, name=f"image {i + 1}") for i, url in enumerate(urls)]
+
+    def turn():
+        resent = [url[:1] + url[1:] for url in urls]  # equal text, new objects
+        keys = [source_digest(url) for url in resent]
+        return pipeline.prepare(parts, loaders, tokenizer, embed_tokens, add_bos=True, image_sizes=sizes,
+                                keys=keys).inputs_embeds
+
+    return turn
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Timing
 

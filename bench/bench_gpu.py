@@ -1,8 +1,9 @@
 """GPU benchmark of the LLaVA extension against the transformers reference, in one process.
 
-Run on a CUDA machine: ``python bench/bench_gpu.py [--reps N]``; on any machine ``--dry-run`` runs
-every step on the CPU with toy shapes (checks the script, numbers mean nothing). Progress goes to
-stderr; the LAST line of stdout is one JSON object.
+Run on a CUDA machine: ``python bench/bench_gpu.py [--reps N]`` (``bench/device_run.sh`` wraps it for
+the lent device machines); on any machine ``--dry-run`` runs every step on the CPU with toy shapes
+(checks the script, numbers mean nothing). Progress goes to stderr; the LAST line of stdout is one JSON
+object.
 
 Models (random weights, fp16, built on the meta device and materialised directly on the GPU): CLIP-L/336
 tower, LLaVA-1.5 projector 1024 -> 4096 -> 4096 and the LLaVA-1.5-7B Llama (hidden 4096, 32 layers,
@@ -16,18 +17,23 @@ Ratios are ours / reference, timed interleaved after a warm-up with ``torch.cuda
 each call; reported as the median of per-round ratios; absolute times are medians.
 
 * ``encode_ratio``: ``LlavaPipeline.encode_pixels(pixels)`` (truncated tower + projector, fp16, with
-  CUDA graphs when the tower offers them) / ``get_image_features(pixels)``, batch 1, same fp16 pixels
-  on the GPU. ``encode_eager_ratio``: our tower without graphs. ``graph_matches_eager``: the graph
-  replay's output is bit-identical to our eager forward. ``encode_max_abs_diff``: vs the reference.
+  CUDA graphs, on by default for a CUDA tower) / ``get_image_features(pixels)``, batch 1, same fp16
+  pixels on the GPU. ``encode_eager_ratio``: our tower without graphs. ``graph_matches_eager``: the
+  graph path's output is bit-identical to our eager forward for batches of 1 and 3;
+  ``encode_diffs`` has the max |difference| of each pair (graph, eager, reference; batches 1 and 3).
+  ``encode_max_abs_diff``: vs the reference.
 * ``ttft_ratio``: time to the first token's logits for one new 1024x768 image (decoded, not cached)
   and 47 text tokens. Ours: ``LlavaPipeline.prepare`` (hash, preprocess, encode, tokenize, splice) +
   prefill with ``inputs_embeds``. Reference: ``LlavaProcessor`` (PIL image processor) + the model's
   forward with ``pixel_values``. Both end in ``argmax(...).item()``. The embedding cache is emptied
-  before each of our runs.
-* ``cached_followup_ratio``: a text-only follow-up in a chat holding 5 images (already cached). Ours:
-  decode the 5 PNG data URLs (``load_image``), ``prepare`` (cache hits) and prefill. Reference: the same
-  turn with no vision work: the same-length prompt through ``tokenizer(...)``, ``embed_tokens`` and the
-  same prefill. ``cached_followup_decoded_ratio``: with the images already decoded.
+  before each of our runs. ``ttft_breakdown_ms``: each stage of both paths timed on its own.
+* ``cached_followup_ratio``: a text-only follow-up in a chat holding 5 images (already cached). Ours: the
+  extension's path (``bench_common.extension_followup``: sha256 of each re-sent PNG data URL, ``prepare``
+  with cache hits and no decoding) and prefill. Reference: the same turn with no vision work: the
+  same-length prompt through ``tokenizer(...)``, ``embed_tokens`` and the same prefill.
+  ``cached_followup_decode_all_ratio``: the same turn decoding all 5 images first (what a pipeline
+  without content keys would pay). ``followup_cached_equals_fresh``: the embeddings spliced from the
+  (pinned) cache equal freshly encoded ones. ``followup_breakdown_ms``: the stages on their own.
 * ``gpu_mem_overhead_mb``: GPU memory the extension keeps when the tower runs on the CPU
   (``clip_device="cpu"``, projector fp16 on the GPU): ``memory_allocated`` after loading that
   pipeline and preparing one image turn, minus before loading it (the language model alone).
@@ -103,10 +109,8 @@ class Bench:
         self.pipeline = LlavaPipeline.load(self.folder, VisionSettings(
             clip_device=device, projector_device=device, clip_bits=self.bits, projector_bits=self.bits))
         bc.log(f"LlavaPipeline.load in {time.perf_counter() - started:.1f} s: {self.pipeline.describe()}")
-        tower = self.pipeline.tower
-        if self.device.type == "cuda" and hasattr(tower, "enable_cuda_graphs") and not tower.cuda_graphs_enabled:
-            tower.enable_cuda_graphs()  # until the pipeline turns them on itself
-        self.result["cuda_graphs"] = bool(getattr(tower, "cuda_graphs_enabled", False)) and self.device.type == "cuda"
+        # The default settings turn graphs on for a CUDA tower; recorded so a run without them is visible.
+        self.result["cuda_graphs"] = self.pipeline.tower.cuda_graphs_enabled
 
     # ------------------------------------------------------------------------------------------ encode
 
@@ -134,7 +138,24 @@ class Bench:
         self.result["encode_ratio"] = bc.rounded(timing.ratio("ours", "reference"))
         self.result["encode_eager_ms"] = bc.rounded(timing.median("eager") * 1000)
         self.result["encode_eager_ratio"] = bc.rounded(timing.ratio("eager", "reference"))
-        self.result["graph_matches_eager"] = bool(torch.equal(ours, eager))
+        # Several images (or anyres tiles) go through the tower as one batch: another captured shape.
+        batch = pixels.expand(3, -1, -1, -1).contiguous()
+        with torch.inference_mode():
+            batch_replay, batch_eager = pipeline.encode_pixels(batch).float(), pipeline.projector(pipeline.tower._encode(batch)).float()
+            eager_again = run_eager().float()
+            batch_reference = torch.stack(list(reference.model.get_image_features(pixel_values=batch).pooler_output)).float()
+
+        def max_diff(a, b):
+            return bc.rounded(float((a - b).abs().max()), 6)
+
+        self.result["graph_matches_eager"] = bool(torch.equal(ours, eager)) and bool(torch.equal(batch_replay, batch_eager))
+        self.result["encode_diffs"] = {
+            "b1_graph_vs_eager": max_diff(ours, eager), "b1_eager_vs_eager": max_diff(eager, eager_again),
+            "b1_eager_vs_reference": max_diff(eager, want), "b3_graph_vs_eager": max_diff(batch_replay, batch_eager),
+            "b3_graph_vs_reference": max_diff(batch_replay, batch_reference),
+            "b3_eager_vs_reference": max_diff(batch_eager, batch_reference),
+            "b3_row0_vs_b1_reference": max_diff(batch_reference[0], want),
+        }
         self.result["captured_graph_shapes"] = [list(shape) for shape in getattr(pipeline.tower, "captured_graph_shapes", [])]
         self.result["encode_max_abs_diff"] = bc.rounded(float((ours - want).abs().max()))
         self.result["encode_rel_error"] = bc.rounded(float((ours - want).norm() / want.norm()))
@@ -174,6 +195,7 @@ class Bench:
             if name == "ours":
                 pipeline.cache.clear()
 
+        self._ttft_breakdown(processor, prompt, image, parts)
         with torch.inference_mode():
             clear_cache("ours")
             ref_token, ref_logits, ref_ids = run_reference()
@@ -189,6 +211,33 @@ class Bench:
         self.result["ttft_ms"] = bc.rounded(timing.median("ours") * 1000)
         self.result["ttft_ratio"] = bc.rounded(timing.ratio("ours", "reference"))
         bc.log(f"[ttft] {json.dumps({k: v for k, v in self.result.items() if k.startswith('ttft')})}")
+
+    def _ttft_breakdown(self, processor, prompt, image, parts) -> None:
+        """Each stage of both TTFT paths timed alone (medians, ms): where the time goes."""
+        import llava_image_io
+        import llava_preprocess
+
+        pipeline, tokenizer, language_model, reference = self.pipeline, self.tokenizer, self.language_model, self.reference
+        with torch.inference_mode():
+            inputs = processor(images=[image], text=prompt, return_tensors="pt")
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+            pixels = llava_preprocess.preprocess_batch([image], pipeline.preprocess_config)
+            features = pipeline.encode_images([image])
+            prompt_ids = pipeline.tokenize(parts, tokenizer, add_bos=True, image_sizes=[image.size])
+            _, embeds = pipeline.embed(prompt_ids, features, self.embed_tokens)
+            stages = {
+                "ref_processor": lambda: processor(images=[image], text=prompt, return_tensors="pt"),
+                "ref_forward": lambda: reference(**inputs, logits_to_keep=1).logits[0, -1].argmax().item(),
+                "ours_pixel_digest": lambda: llava_image_io.image_digest(image),
+                "ours_preprocess": lambda: llava_preprocess.preprocess_batch([image], pipeline.preprocess_config),
+                "ours_encode": lambda: pipeline.encode_pixels(pixels.to(self.device)),
+                "ours_tokenize": lambda: pipeline.tokenize(parts, tokenizer, add_bos=True, image_sizes=[image.size]),
+                "ours_embed_splice": lambda: pipeline.embed(prompt_ids, features, self.embed_tokens),
+                "ours_prefill": lambda: language_model(inputs_embeds=embeds, logits_to_keep=1).logits[0, -1].argmax().item(),
+            }
+            timing = self.timed(stages, self.args.reps)
+        self.result["ttft_breakdown_ms"] = {name: bc.rounded(timing.median(name) * 1000) for name in stages}
 
     # ------------------------------------------------------------------------------------------ follow-up
 
@@ -206,33 +255,53 @@ class Bench:
         def decode():
             return [pipeline.load_image(url, name=f"image {i + 1}") for i, url in enumerate(urls)]
 
-        decoded = decode()
+        extension_turn = bc.extension_followup(pipeline, urls, parts, tokenizer, embed_tokens)
 
         def first_token(inputs_embeds):
             return language_model(inputs_embeds=inputs_embeds, logits_to_keep=1).logits[0, -1].argmax().item()
 
         candidates = {
-            "ours": lambda: first_token(pipeline.prepare(parts, decode(), tokenizer, embed_tokens, add_bos=True).inputs_embeds),
-            "ours_decoded": lambda: first_token(
-                pipeline.prepare(parts, decoded, tokenizer, embed_tokens, add_bos=True).inputs_embeds),
+            "ours": lambda: first_token(extension_turn()),
+            "ours_decode_all": lambda: first_token(
+                pipeline.prepare(parts, decode(), tokenizer, embed_tokens, add_bos=True).inputs_embeds),
             "baseline": lambda: first_token(
                 embed_tokens(torch.tensor([tokenizer(plain_prompt)["input_ids"]], device=device))),
         }
         with torch.inference_mode():
-            prepared = pipeline.prepare(parts, decoded, tokenizer, embed_tokens, add_bos=True)  # fills the cache
+            pipeline.cache.clear()
+            # Freshly encoded (cached under pixel keys), then the extension's turn twice (a miss that fills
+            # the cache under content keys, then hits spliced from the pinned copies): the same numbers.
+            fresh = pipeline.prepare(parts, decode(), tokenizer, embed_tokens, add_bos=True).inputs_embeds
+            extension_turn()
+            prepared_embeds = extension_turn()
+            self.result["followup_cached_equals_fresh"] = bool(torch.equal(prepared_embeds, fresh))
             length = len(tokenizer(plain_prompt)["input_ids"])
-            if prepared.input_ids.shape[1] != length:
-                raise RuntimeError(f"follow-up prompt lengths differ: ours {prepared.input_ids.shape[1]}, plain {length}")
+            if prepared_embeds.shape[1] != length:
+                raise RuntimeError(f"follow-up prompt lengths differ: ours {prepared_embeds.shape[1]}, plain {length}")
             hits = pipeline.cache.hits
             timing = self.timed(candidates, self.args.reps)
             if pipeline.cache.hits - hits < 5 * 2 * (self.args.reps + 2):
                 raise RuntimeError("the follow-up turns did not hit the embedding cache for every image")
             decode_timing = self.timed({"decode": decode}, self.args.reps, warmup=1)
+            from llava_image_io import source_digest
+
+            sizes = [image.size for image in images]
+            keys = [source_digest(url) for url in urls]
+            stages = {
+                "ours_keys_of_resent_urls": lambda: [source_digest(url[:1] + url[1:]) for url in urls],
+                "ours_prepare": lambda: pipeline.prepare(parts, [None] * len(urls), tokenizer, embed_tokens, add_bos=True,
+                                                         image_sizes=sizes, keys=keys),
+                "baseline_tokenize_embed": lambda: embed_tokens(
+                    torch.tensor([tokenizer(plain_prompt)["input_ids"]], device=device)),
+                "prefill": lambda: first_token(prepared_embeds),
+            }
+            stage_timing = self.timed(stages, self.args.reps)
+        self.result["followup_breakdown_ms"] = {name: bc.rounded(stage_timing.median(name) * 1000) for name in stages}
         self.result["followup_tokens"] = length
         self.result["followup_ms"] = bc.rounded(timing.median("ours") * 1000)
         self.result["followup_baseline_ms"] = bc.rounded(timing.median("baseline") * 1000)
         self.result["cached_followup_ratio"] = bc.rounded(timing.ratio("ours", "baseline"))
-        self.result["cached_followup_decoded_ratio"] = bc.rounded(timing.ratio("ours_decoded", "baseline"))
+        self.result["cached_followup_decode_all_ratio"] = bc.rounded(timing.ratio("ours_decode_all", "baseline"))
         self.result["followup_decode_5_images_ms"] = bc.rounded(decode_timing.median("decode") * 1000)
         bc.log(f"[follow-up] {json.dumps({k: v for k, v in self.result.items() if 'followup' in k})}")
 

@@ -206,3 +206,30 @@ def test_pipeline_cache_evicts_the_oldest_image(tiny_checkpoints):
     pipeline.encode_images([_image(7)])
     assert tower_batches == [1, 1, 1, 1]
     assert pipeline.cache.bytes_used == 2 * EMBEDDING_BYTES
+
+
+def test_source_digest_is_the_sha256_of_the_exact_text_and_its_memo_is_bounded():
+    import hashlib
+
+    import llava_image_io
+
+    url = "data:image/png;base64," + "QUJD" * 500
+    expected = hashlib.sha256(url.encode()).hexdigest()
+    assert llava_image_io.source_digest(url) == expected
+    assert llava_image_io.source_digest(url[:1] + url[1:]) == expected  # an equal copy hits the memo
+    one_char_off = url[:-1] + "E"
+    assert llava_image_io.source_digest(one_char_off) == hashlib.sha256(one_char_off.encode()).hexdigest()
+    assert llava_image_io.source_digest(url.encode()) == expected  # the file bytes of the same text
+    # Same length and same ends, another middle: the memo's probe matches, the text does not.
+    middle_changed = url[:600] + "Z" + url[601:]
+    for _ in range(2):
+        assert llava_image_io.source_digest(middle_changed) == hashlib.sha256(middle_changed.encode()).hexdigest()
+        assert llava_image_io.source_digest(url) == expected
+
+    memo = llava_image_io._DigestMemo(max_chars=2500)
+    for index in range(3):
+        memo.put(str(index) * 1000, f"digest {index}")
+    assert memo.get("0" * 1000) is None  # least recently used went first
+    assert memo.get("1" * 1000) == "digest 1" and memo.get("2" * 1000) == "digest 2"
+    memo.put("x" * 3000, "too large")
+    assert memo.get("x" * 3000) is None

@@ -325,3 +325,16 @@ def test_image_digest():
     reshaped = Image.fromarray(flat.reshape(37, 23, 3))  # same bytes, other size
     assert image_digest(reshaped) != image_digest(image)
     assert image_digest(image.convert("RGBA")) != image_digest(image)
+
+
+def test_image_digest_of_a_large_image_hashes_every_piece():
+    """Above 1 MB of pixels the digest is a tree over 1 MB pieces hashed in parallel: a change in any
+    piece, the last one included, changes it; equal pixels give equal digests."""
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, size=(700, 800, 3), dtype=np.uint8)  # 1.68 MB: two pieces
+    image = Image.fromarray(pixels)
+    assert image_digest(image) == image_digest(Image.fromarray(pixels.copy()))
+    for y, x in ((0, 0), (699, 799)):
+        changed = pixels.copy()
+        changed[y, x, 2] ^= 1
+        assert image_digest(Image.fromarray(changed)) != image_digest(image)

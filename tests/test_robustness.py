@@ -712,18 +712,19 @@ def test_stop_pressed_while_encoding(make_harness, models, caplog):
     harness = make_harness("hf")
     model = models("hf")
     pipeline = harness.extension._vision.current()
-    original_load_image = pipeline.load_image
+    fresh_decodes = harness.extension._fresh_decodes
+    original_take = fresh_decodes.take
 
-    def load_then_stop(*args, **kwargs):
-        decoded = original_load_image(*args, **kwargs)
+    def take_then_stop(key):  # the splice fetching the picture the prompt hook decoded
+        decoded = original_take(key)
         if threading.current_thread() is threading.main_thread():
             shared.stop_everything = True  # Stop pressed after webui's reset, before the tower runs
         return decoded
 
-    pipeline.load_image = load_then_stop
+    fresh_decodes.take = take_then_stop
     with caplog.at_level(logging.INFO):
         harness.send(QUESTION, [good_image(1)])
-    del pipeline.load_image
+    del fresh_decodes.take
     call = harness.generate_calls[-1]
     assert_text_only(call, model)
     assert not any(record.exc_info for record in caplog.records), "a traceback was logged"

@@ -438,3 +438,24 @@ def test_both_install_locations_work(load_as, make_harness, loaded, tmp_path):
     assert harness.extension.__name__ == expected_name
     assert harness.extension._vision.pipeline is not None
     _send_and_check(harness, loaded("hf"), "hf", QUESTION, [image(70, 45)], f"<image>\n{QUESTION}")
+
+
+def test_a_new_image_is_decoded_once_and_a_cached_one_never(make_harness, loaded, monkeypatch):
+    from llava_pipeline import LlavaPipeline
+
+    harness = make_harness("hf")
+    decoded = []
+    original = LlavaPipeline.load_image
+
+    def counting_load_image(self, source, *args, **kwargs):
+        decoded.append(kwargs.get("name"))
+        return original(self, source, *args, **kwargs)
+
+    monkeypatch.setattr(LlavaPipeline, "load_image", counting_load_image)
+    picture = image(73, 41, seed=4242)  # no other test sends it: neither its size nor embedding is known
+    harness.send(QUESTION, [picture])
+    assert len(decoded) == 1  # the prompt hook's check decodes it; the splice reuses that picture
+    decoded.clear()
+    harness.send("And what colour is it?")
+    assert decoded == []  # size and embedding are cached: the re-sent image is not decoded
+    assert len(slots_in(last_prompt(harness))) == 1

@@ -80,7 +80,7 @@ _PAD_MAX_SIDE = 4096
 
 # Below this many output pixels per pass, thread hand-off costs more than it saves.
 _MIN_PIXELS_PER_THREAD = 32_768
-_MAX_RESIZE_THREADS = 4
+_MAX_RESIZE_THREADS = 8
 
 
 @dataclass(frozen=True)

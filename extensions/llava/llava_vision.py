@@ -273,21 +273,40 @@ class VisionTower(nn.Module):
         """pixels ``[B, 3, S, S]`` (any float dtype) -> ``[B, N, C * len(layers)]`` in the tower's dtype."""
         pixels = pixel_values.to(self.embeddings.patch_embedding.weight.dtype)
         if self._cuda_graphs is not None and pixels.is_cuda and not torch.is_grad_enabled():
-            return self._cuda_graphs(self._encode, pixels)
+            return self._drop_cls_view(self._cuda_graphs(self._encode_dense, pixels))
         return self._encode(pixels)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels ``[B, 3, S, S]`` in the tower's dtype -> ``[B, N, C * len(layers)]``."""
+        return self._drop_cls_view(self._encode_dense(pixels))
+
+    def _encode_dense(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The tower up to the deepest selected layer -> one dense tensor: ``[B, L, C]`` with L = all
+        positions for a single layer (see :meth:`_drop_cls_view`), else the layers' features concatenated.
+        """
         hidden = self.pre_layrnorm(self.embeddings(pixels))
         captured = {0: hidden} if 0 in self.positions else {}
         for index, layer in enumerate(self.encoder.layers, start=1):
             hidden = self._layer_forward(index - 1, layer, hidden)
             if index in self.positions:
                 captured[index] = hidden
-        features = [captured[p] for p in self.positions]
-        if self.has_cls and not self.keep_cls:
-            features = [f[:, 1:] for f in features]
-        return features[0] if len(features) == 1 else torch.cat(features, dim=-1)
+        if len(self.positions) == 1:
+            return captured[self.positions[0]]
+        # As the references: drop CLS from each layer, then concatenate (a contiguous result).
+        features = [captured[p][:, 1:] if self._drops_cls else captured[p] for p in self.positions]
+        return torch.cat(features, dim=-1)
+
+    @property
+    def _drops_cls(self) -> bool:
+        return self.has_cls and not self.keep_cls
+
+    def _drop_cls_view(self, dense: torch.Tensor) -> torch.Tensor:
+        """``[:, 1:]`` of a single layer's output, as a view like the references' (the projector then sees
+        the same strides, which decide how the GEMM library splits its matmul: a contiguous copy gave other
+        last bits for batches of several images on an H100). Done outside any CUDA graph for that reason."""
+        if len(self.positions) == 1 and self._drops_cls:
+            return dense[:, 1:]
+        return dense
 
     def _layer_forward(self, index: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """One CLIP/SigLIP encoder layer, ``[B, L, C]`` -> ``[B, L, C]``.
@@ -447,6 +466,7 @@ class _CudaGraphCache:
     def _capture(self, function, inputs: torch.Tensor):
         static_inputs = inputs.clone()
         try:
+            eager_outputs = function(inputs)
             # Warm-up on a side stream before capture, as torch.cuda.graph requires (lazy init, autotuning).
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -458,9 +478,17 @@ class _CudaGraphCache:
             # thread_local: a webui thread using the GPU meanwhile does not invalidate the capture.
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_outputs = function(static_inputs)
+            graph.replay()
         except RuntimeError as exc:
             logger.warning("CUDA graph capture of the vision tower failed for input %s (%s); running it eagerly",
                            tuple(inputs.shape), exc)
+            return None
+        # The GEMM library may pick other kernels while capturing (seen on an H100 for a batch of 3, not
+        # for 1), which changes the last bits; such a shape keeps the eager forward, whose results are
+        # the reference's.
+        if not torch.equal(static_outputs, eager_outputs):
+            logger.info("The CUDA graph of the vision tower for input %s differs from its eager forward; "
+                        "running that shape eagerly", tuple(inputs.shape))
             return None
         logger.info("Captured a CUDA graph of the vision tower for input %s %s", tuple(inputs.shape), inputs.dtype)
         return static_inputs, static_outputs, graph
