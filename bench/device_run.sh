@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One device-machine run of the GPU benchmark (the `device` tool's H100/H200 image: Python 3.12 with
-# torch, but transformers 5.17 and tokenizers 0.23, so webui's transformers 5.6.2 and the tokenizers it
-# accepts travel as wheels in .whl/; see bench/README or the root README's benchmark section).
-# Usage there: bash bench/device_run.sh   (writes logs under $OUT when set, else under /tmp)
+# One run of the GPU benchmark on a machine whose Python has torch but not webui's transformers (the
+# lent H100/H200 machines have transformers 5.17 and tokenizers 0.23): webui's transformers 5.6.2 and a
+# tokenizers it accepts travel as wheels in .whl/ (git-ignored), fetched beforehand with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl transformers==5.6.2 tokenizers==0.22.2
+# Usage there: bash bench/device_run.sh [bench_gpu.py options]   (the log goes to $OUT, else /tmp)
 set -o pipefail
 out=${OUT:-/tmp}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
