@@ -222,6 +222,36 @@ class _DigestMemo:
 _digest_memo = _DigestMemo(64 * 2**20)
 
 
+class DecodedHandoff:
+    """Decoded images kept under their content key until one caller takes them (once); the oldest go
+    first beyond ``max_pixels``, and a caller that finds nothing decodes again. Thread-safe."""
+
+    def __init__(self, max_pixels: int):
+        self.max_pixels = max_pixels
+        self._images: OrderedDict[str, Image.Image] = OrderedDict()
+        self._pixels = 0
+        self._lock = threading.Lock()
+
+    def put(self, key: str, image: Image.Image) -> None:
+        with self._lock:
+            self._drop(key)
+            self._images[key] = image
+            self._pixels += image.width * image.height
+            while self._pixels > self.max_pixels:
+                self._drop(next(iter(self._images)))
+
+    def take(self, key: str) -> Image.Image | None:
+        with self._lock:
+            image = self._images.get(key)
+            self._drop(key)
+            return image
+
+    def _drop(self, key: str) -> None:
+        image = self._images.pop(key, None)
+        if image is not None:
+            self._pixels -= image.width * image.height
+
+
 # --- sources ---------------------------------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ from modules import shared  # noqa: E402
 from modules.logging_colors import logger  # noqa: E402
 
 import llava_chat  # noqa: E402
+import llava_image_io  # noqa: E402
 from llava_chat import MEDIA_MARKER  # noqa: E402
 
 params = {
@@ -167,39 +168,9 @@ _sizes_lock = threading.Lock()
 _sizes: OrderedDict[str, tuple[int, int]] = OrderedDict()  # content hash -> (width, height), bounded
 _MAX_SIZE_ENTRIES = 4096
 
-
-class _FreshDecodes:
-    """Images ``_check_image`` decoded, kept for the splice of the same request, which needs a new image
-    again moments later (its embedding is not cached yet): a photo takes tens of ms to decode. Taken
-    once; the oldest go first beyond ``max_pixels`` (those images are then simply decoded again)."""
-
-    def __init__(self, max_pixels: int):
-        self.max_pixels = max_pixels
-        self._images: OrderedDict[str, object] = OrderedDict()
-        self._pixels = 0
-        self._lock = threading.Lock()
-
-    def put(self, key: str, image) -> None:
-        with self._lock:
-            self._drop(key)
-            self._images[key] = image
-            self._pixels += image.width * image.height
-            while self._pixels > self.max_pixels:
-                self._drop(next(iter(self._images)))
-
-    def take(self, key: str):
-        with self._lock:
-            image = self._images.get(key)
-            self._drop(key)
-            return image
-
-    def _drop(self, key: str) -> None:
-        image = self._images.pop(key, None)
-        if image is not None:
-            self._pixels -= image.width * image.height
-
-
-_fresh_decodes = _FreshDecodes(max_pixels=24_000_000)  # about 72 MB of RGB at most
+# Pictures the prompt hook decoded, handed to the splice of the same request (which needs a new image
+# again moments later: its embedding is not cached yet, and a photo takes tens of ms to decode).
+_fresh_decodes = llava_image_io.DecodedHandoff(max_pixels=24_000_000)  # about 72 MB of RGB at most
 # tokenizer_modifier -> logits_processor_modifier hand-off; both run in the request's thread, one after
 # the other, so a thread-local never crosses requests or users.
 _request_local = threading.local()
@@ -283,8 +254,6 @@ def _decode_for_splice(pipeline, name: str, source: str, key: str):
 
 
 def _source_key(source) -> str:
-    import llava_image_io
-
     return llava_image_io.source_digest(source) + f":{params.get('exif_transpose')}:{params.get('max_image_pixels')}"
 
 
