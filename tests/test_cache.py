@@ -208,7 +208,7 @@ def test_pipeline_cache_evicts_the_oldest_image(tiny_checkpoints):
     assert pipeline.cache.bytes_used == 2 * EMBEDDING_BYTES
 
 
-def test_source_digest_is_the_sha256_of_the_exact_text_and_its_memo_is_bounded():
+def test_source_digest_is_the_sha256_of_the_exact_text_and_its_memo_is_bounded(monkeypatch):
     import hashlib
 
     import llava_image_io
@@ -226,10 +226,43 @@ def test_source_digest_is_the_sha256_of_the_exact_text_and_its_memo_is_bounded()
         assert llava_image_io.source_digest(middle_changed) == hashlib.sha256(middle_changed.encode()).hexdigest()
         assert llava_image_io.source_digest(url) == expected
 
-    memo = llava_image_io._DigestMemo(max_chars=2500)
+    # The memo's bound: sources are remembered up to 2500 characters in all, least recently used out.
+    from types import SimpleNamespace
+
+    from llava_cache import BoundedLRU
+
+    monkeypatch.setattr(llava_image_io, "_recent_digests", BoundedLRU(2500, cost=lambda entry: len(entry[0])))
+    hashed = []
+    monkeypatch.setattr(llava_image_io, "hashlib", SimpleNamespace(
+        sha256=lambda data: hashed.append(bytes(data)) or hashlib.sha256(data)))
     for index in range(3):
-        memo.put(str(index) * 1000, f"digest {index}")
-    assert memo.get("0" * 1000) is None  # least recently used went first
-    assert memo.get("1" * 1000) == "digest 1" and memo.get("2" * 1000) == "digest 2"
-    memo.put("x" * 3000, "too large")
-    assert memo.get("x" * 3000) is None
+        llava_image_io.source_digest(str(index) * 1000)
+    hashed.clear()
+    assert llava_image_io.source_digest("1" * 1000) == hashlib.sha256(b"1" * 1000).hexdigest()
+    assert llava_image_io.source_digest("2" * 1000) == hashlib.sha256(b"2" * 1000).hexdigest()
+    assert hashed == []  # both remembered
+    llava_image_io.source_digest("0" * 1000)
+    assert hashed == [b"0" * 1000]  # least recently used went first
+    hashed.clear()
+    for _ in range(2):
+        llava_image_io.source_digest("x" * 3000)
+    assert len(hashed) == 2  # too large to remember
+
+
+def test_bounded_lru_by_pixels_hands_each_picture_out_once_and_stays_within_its_bound():
+    """The extension's hand-off of decoded pictures from the prompt hook to the splice."""
+    from PIL import Image
+
+    from llava_cache import BoundedLRU
+
+    handoff = BoundedLRU(250, cost=lambda image: image.width * image.height)
+    first, second, third = (Image.new("RGB", (10, 10), colour) for colour in ("red", "green", "blue"))
+    handoff.put("a", first)
+    handoff.put("b", second)
+    assert handoff.pop("a") is first
+    assert handoff.pop("a") is None  # handed out once
+    handoff.put("c", third)
+    handoff.put("d", Image.new("RGB", (10, 10)))  # 300 pixels held > 250: the oldest ("b") goes
+    assert handoff.pop("b") is None
+    assert handoff.pop("c") is third
+    assert handoff.total_cost == 100 and len(handoff) == 1

@@ -339,17 +339,3 @@ def test_image_digest_of_a_large_image_hashes_every_piece():
         changed[y, x, 2] ^= 1
         assert image_digest(Image.fromarray(changed)) != image_digest(image)
 
-
-def test_decoded_handoff_gives_each_picture_once_and_stays_within_its_pixel_bound():
-    from llava_image_io import DecodedHandoff
-
-    handoff = DecodedHandoff(max_pixels=250)
-    first, second, third = (Image.new("RGB", (10, 10), colour) for colour in ("red", "green", "blue"))
-    handoff.put("a", first)
-    handoff.put("b", second)
-    assert handoff.take("a") is first
-    assert handoff.take("a") is None  # taken once
-    handoff.put("c", third)
-    handoff.put("d", Image.new("RGB", (10, 10)))  # 300 pixels held > 250: the oldest ("b") goes
-    assert handoff.take("b") is None
-    assert handoff.take("c") is third

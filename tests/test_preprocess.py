@@ -173,7 +173,7 @@ def test_pad_background_is_the_reference_mean_colour():
 
 def test_parallel_split_is_exact(monkeypatch, reference_processors):
     # Force many threads and tiny chunks so the row/column split is exercised on small images too.
-    monkeypatch.setattr(llava_preprocess, "_resize_threads", lambda: 3)
+    monkeypatch.setattr(llava_preprocess, "worker_threads", lambda: 3)
     monkeypatch.setattr(llava_preprocess, "_MIN_PIXELS_PER_THREAD", 1)
     for size in [(640, 480), (333, 1000), (1000, 333), (90, 37), (57, 56)]:
         image = noise_image(*size, seed=5)
@@ -186,7 +186,7 @@ def test_parallel_split_is_exact(monkeypatch, reference_processors):
 def test_resize_window_matches_one_pil_resize_call(monkeypatch, threads):
     # The core claim, on random geometry: the split (either pass order, padding shortcuts, windows)
     # equals slicing one plain `Image.resize` of the padded image.
-    monkeypatch.setattr(llava_preprocess, "_resize_threads", lambda: threads)
+    monkeypatch.setattr(llava_preprocess, "worker_threads", lambda: threads)
     monkeypatch.setattr(llava_preprocess, "_MIN_PIXELS_PER_THREAD", 1)
     rng = np.random.default_rng(threads)
     orders = set()

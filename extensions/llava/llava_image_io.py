@@ -15,14 +15,14 @@ import hashlib
 import io
 import logging
 import os
-import threading
 import urllib.parse
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from llava_cache import BoundedLRU
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def image_digest(image: Image.Image) -> bytes:
     pixels = memoryview(image.tobytes())
     pieces = [pixels[start:start + _DIGEST_PIECE] for start in range(0, len(pixels), _DIGEST_PIECE)]
     if len(pieces) > 1:
-        piece_digests = list(_digest_pool().map(lambda piece: hashlib.sha256(piece).digest(), pieces))
+        piece_digests = list(worker_pool().map(lambda piece: hashlib.sha256(piece).digest(), pieces))
     else:
         piece_digests = [hashlib.sha256(piece).digest() for piece in pieces]
     hasher = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:{len(pieces)}:".encode("ascii"))
@@ -149,9 +149,16 @@ _DIGEST_PIECE = 1 << 20
 
 
 @functools.lru_cache(maxsize=1)
-def _digest_pool() -> ThreadPoolExecutor:
-    # Created on first use, never at import; shared by all requests.
-    return ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="llava-digest")
+def worker_threads() -> int:
+    """Threads of :func:`worker_pool`: one per core, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+@functools.lru_cache(maxsize=1)
+def worker_pool() -> ThreadPoolExecutor:
+    """Threads for image work that releases the GIL (PIL's resampling, hashlib on large buffers),
+    shared by all requests; created on first use, never at import. Tasks must not wait on the pool."""
+    return ThreadPoolExecutor(max_workers=worker_threads(), thread_name_prefix="llava-image")
 
 
 def source_digest(source: str | bytes) -> str:
@@ -159,97 +166,27 @@ def source_digest(source: str | bytes) -> str:
 
     Cheaper than :func:`image_digest` (no decoding), so a turn whose images are all cached decodes none.
     A collision-resistant hash, because one user's key must never find another user's image. Chats
-    re-send every image on every turn, so digests of recent sources are remembered (see _DigestMemo).
+    re-send every image on every turn, so recent digests are remembered with their whole source, filed
+    under a cheap probe (length and both ends of the text): a hit requires the new source to equal the
+    remembered one, as exact as hashing again for one memcmp (nothing at all when the caller re-sends
+    the same object) instead of a sha256 pass. Two sources with the same probe replace each other.
     """
     if isinstance(source, bytearray):
         source = bytes(source)
-    digest = _digest_memo.get(source)
-    if digest is None:
-        data = source.encode("utf-8", "surrogatepass") if isinstance(source, str) else source
-        digest = hashlib.sha256(data).hexdigest()
-        _digest_memo.put(source, digest)
+    probe = (type(source), len(source), source[:_PROBE_ENDS], source[-_PROBE_ENDS:])
+    remembered = _recent_digests.get(probe)
+    if remembered is not None and remembered[0] == source:
+        return remembered[1]
+    data = source.encode("utf-8", "surrogatepass") if isinstance(source, str) else source
+    digest = hashlib.sha256(data).hexdigest()
+    _recent_digests.put(probe, (source, digest))
     return digest
 
 
-class _DigestMemo:
-    """Digests of recently hashed sources, found again by comparing the source text itself.
-
-    Entries are filed under a cheap probe (length and both ends of the text) and hold the whole
-    source, and a hit requires the new source to equal it: as exact as hashing again, for one memcmp
-    (nothing at all when the caller re-sends the same object) instead of a sha256 pass. Two sources
-    with the same probe simply replace each other. Bounded by the total length of the remembered
-    sources, least recently used first out. Thread-safe.
-    """
-
-    _ENDS = 64  # characters from each end in the probe
-
-    def __init__(self, max_chars: int):
-        self.max_chars = max_chars
-        self._entries: OrderedDict[tuple, tuple[str | bytes, str]] = OrderedDict()
-        self._chars = 0
-        self._lock = threading.Lock()
-
-    @classmethod
-    def _probe(cls, source: str | bytes) -> tuple:
-        return type(source), len(source), source[:cls._ENDS], source[-cls._ENDS:]
-
-    def get(self, source: str | bytes) -> str | None:
-        probe = self._probe(source)
-        with self._lock:
-            entry = self._entries.get(probe)
-            if entry is None:
-                return None
-            self._entries.move_to_end(probe)
-        remembered, digest = entry
-        return digest if remembered == source else None
-
-    def put(self, source: str | bytes, digest: str) -> None:
-        if len(source) > self.max_chars:
-            return
-        probe = self._probe(source)
-        with self._lock:
-            replaced = self._entries.pop(probe, None)
-            if replaced is not None:
-                self._chars -= len(replaced[0])
-            self._entries[probe] = (source, digest)
-            self._chars += len(source)
-            while self._chars > self.max_chars:
-                _, (evicted, _) = self._entries.popitem(last=False)
-                self._chars -= len(evicted)
-
-
-# 64 MB of data URLs: every image of a long chat (a photo is 1 to 5 MB as a data URL).
-_digest_memo = _DigestMemo(64 * 2**20)
-
-
-class DecodedHandoff:
-    """Decoded images kept under their content key until one caller takes them (once); the oldest go
-    first beyond ``max_pixels``, and a caller that finds nothing decodes again. Thread-safe."""
-
-    def __init__(self, max_pixels: int):
-        self.max_pixels = max_pixels
-        self._images: OrderedDict[str, Image.Image] = OrderedDict()
-        self._pixels = 0
-        self._lock = threading.Lock()
-
-    def put(self, key: str, image: Image.Image) -> None:
-        with self._lock:
-            self._drop(key)
-            self._images[key] = image
-            self._pixels += image.width * image.height
-            while self._pixels > self.max_pixels:
-                self._drop(next(iter(self._images)))
-
-    def take(self, key: str) -> Image.Image | None:
-        with self._lock:
-            image = self._images.get(key)
-            self._drop(key)
-            return image
-
-    def _drop(self, key: str) -> None:
-        image = self._images.pop(key, None)
-        if image is not None:
-            self._pixels -= image.width * image.height
+_PROBE_ENDS = 64  # characters from each end of a source in its probe
+# probe -> (source, digest), bounded by the sources' total length: 64 MB of data URLs holds every image
+# of a long chat (a photo is 1 to 5 MB as a data URL).
+_recent_digests: BoundedLRU[tuple[str | bytes, str]] = BoundedLRU(64 * 2**20, cost=lambda entry: len(entry[0]))
 
 
 # --- sources ---------------------------------------------------------------------------------------

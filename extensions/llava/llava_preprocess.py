@@ -43,9 +43,7 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -53,6 +51,8 @@ import numpy as np
 import PIL
 import torch
 from PIL import Image
+
+from llava_image_io import worker_pool, worker_threads
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,6 @@ _PAD_MAX_SIDE = 4096
 
 # Below this many output pixels per pass, thread hand-off costs more than it saves.
 _MIN_PIXELS_PER_THREAD = 32_768
-_MAX_RESIZE_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -553,7 +552,7 @@ def _vertical(image: Image.Image, out_h: int, resample: int) -> np.ndarray:
 
 def _split(first: int, last: int, work: int) -> list[tuple[int, int]]:
     """Split [first, last) into as many near-equal chunks as threads are worth for `work` output pixels."""
-    count = max(1, min(_resize_threads(), work // _MIN_PIXELS_PER_THREAD, last - first))
+    count = max(1, min(worker_threads(), work // _MIN_PIXELS_PER_THREAD, last - first))
     edges = [first + (last - first) * i // count for i in range(count + 1)]
     return [(edges[i], edges[i + 1]) for i in range(count)]
 
@@ -562,20 +561,8 @@ def _run_chunks(function: Callable[[tuple[int, int]], None], chunks: list[tuple[
     if len(chunks) == 1:
         function(chunks[0])
         return
-    for future in [_thread_pool().submit(function, chunk) for chunk in chunks]:
+    for future in [worker_pool().submit(function, chunk) for chunk in chunks]:
         future.result()  # re-raises a worker's exception here
-
-
-@functools.lru_cache(maxsize=1)
-def _resize_threads() -> int:
-    return max(1, min(_MAX_RESIZE_THREADS, os.cpu_count() or 1))
-
-
-@functools.lru_cache(maxsize=1)
-def _thread_pool() -> ThreadPoolExecutor:
-    # Created on first use (never at import) and shared by all requests; PIL releases the GIL while
-    # resampling, so these threads run the passes in parallel.
-    return ThreadPoolExecutor(max_workers=_resize_threads(), thread_name_prefix="llava-resize")
 
 
 def _pil_pass_order(in_w: int, in_h: int, out_w: int, out_h: int) -> str | None:

@@ -26,7 +26,6 @@ import sys
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
@@ -40,6 +39,7 @@ from modules.logging_colors import logger  # noqa: E402
 
 import llava_chat  # noqa: E402
 import llava_image_io  # noqa: E402
+from llava_cache import BoundedLRU  # noqa: E402
 from llava_chat import MEDIA_MARKER  # noqa: E402
 
 params = {
@@ -164,13 +164,12 @@ class _Vision:
 
 
 _vision = _Vision()
-_sizes_lock = threading.Lock()
-_sizes: OrderedDict[str, tuple[int, int]] = OrderedDict()  # content hash -> (width, height), bounded
 _MAX_SIZE_ENTRIES = 4096
+_sizes: BoundedLRU[tuple[int, int]] = BoundedLRU(_MAX_SIZE_ENTRIES, cost=lambda size: 1)  # content hash -> (w, h)
 
 # Pictures the prompt hook decoded, handed to the splice of the same request (which needs a new image
 # again moments later: its embedding is not cached yet, and a photo takes tens of ms to decode).
-_fresh_decodes = llava_image_io.DecodedHandoff(max_pixels=24_000_000)  # about 72 MB of RGB at most
+_fresh_decodes = BoundedLRU(24_000_000, cost=lambda image: image.width * image.height)  # about 72 MB of RGB
 # tokenizer_modifier -> logits_processor_modifier hand-off; both run in the request's thread, one after
 # the other, so a thread-local never crosses requests or users.
 _request_local = threading.local()
@@ -234,22 +233,18 @@ def _check_image(pipeline, name: str, source: str) -> tuple[str, tuple[int, int]
     Returns ``(content key, (width, height))``; the key is also the embedding-cache key, computed here
     once per image and request (hashing a large data URL is not free)."""
     key = _source_key(source)
-    with _sizes_lock:
-        if key in _sizes:
-            _sizes.move_to_end(key)
-            return key, _sizes[key]
+    size = _sizes.get(key)
+    if size is not None:
+        return key, size
     image = pipeline.load_image(source, name=name)
-    with _sizes_lock:
-        _sizes[key] = image.size
-        while len(_sizes) > _MAX_SIZE_ENTRIES:
-            _sizes.popitem(last=False)
+    _sizes.put(key, image.size)
     _fresh_decodes.put(key, image)
     return key, image.size
 
 
 def _decode_for_splice(pipeline, name: str, source: str, key: str):
     """The decoded image for a cache miss: the one ``_check_image`` just decoded, else decode now."""
-    image = _fresh_decodes.take(key)
+    image = _fresh_decodes.pop(key)
     return image if image is not None else pipeline.load_image(source, name=name)
 
 
