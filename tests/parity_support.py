@@ -39,3 +39,15 @@ def run_ours(loaded, prompt: str, images, *, new_tokens: int, marker: str = "<im
         )
     assert prepared.input_ids.shape[1] == prepared.inputs_embeds.shape[1]
     return prepared, logits, out[0, prepared.input_ids.shape[1]:].tolist()
+
+
+def report_max_logit_delta(record_property, deltas: dict, atol: float) -> None:
+    """Record and print the largest |Δlogit| seen per checkpoint kind (see -rA / junit); all <= atol."""
+    import pytest
+
+    if not deltas:
+        pytest.skip("no parity test ran")
+    for kind, delta in deltas.items():
+        record_property(f"max_abs_logit_delta[{kind}]", delta)
+    print("\nmax |Δlogit|: " + ", ".join(f"{k}: {v:.2e}" for k, v in sorted(deltas.items())))
+    assert all(delta <= atol for delta in deltas.values())

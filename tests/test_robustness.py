@@ -39,9 +39,10 @@ import bad_images
 from bad_images import Case, corpus
 from llava_cache import EmbeddingCache
 from llava_image_io import ImageError, load_image
-from llava_pipeline import LlavaPipeline, VisionSettings
+from llava_pipeline import LlavaPipeline
 from tiny_llava import make_test_image
 from webui_harness import WebuiHarness, image_part, text_part
+from webui_llava_support import Loaded
 
 from modules import chat, shared  # noqa: E402 - the stand-in, put on sys.path by webui_harness
 from modules import models as webui_models  # noqa: E402
@@ -52,7 +53,6 @@ from modules.chat import IMAGE_MIME_TYPES  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXTENSION_DIR = REPO_ROOT / "extensions" / "llava"
 CLI = EXTENSION_DIR / "cli.py"
-CPU = VisionSettings(clip_device="cpu", projector_device="cpu")
 pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # PIL, on corrupt-tiff
 NOTICE = "> ⚠️ llava: "
 QUESTION = "Please describe the attached picture in a few words."
@@ -67,25 +67,14 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
-class Model:
+class Model(Loaded):
     """A tiny checkpoint's language model and tokenizer, and an independent reference pipeline."""
-
-    def __init__(self, folder: Path):
-        from transformers import AutoTokenizer
-
-        from llava_checkpoint import load_language_model
-
-        self.folder = folder
-        self.model = load_language_model(folder, dtype=torch.float32).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        self.pipeline = LlavaPipeline.load(folder, CPU, lm_hidden_size=self.model.config.hidden_size)
 
     def features(self, image) -> torch.Tensor:
         """``[N, H]``: the reference encoding of one image (decoded like the extension does)."""
         if not isinstance(image, Image.Image):
             image = load_image(image, name="reference")
-        self.pipeline.cache.clear()
-        return self.pipeline.encode_images([image])[0]
+        return super().features(image)
 
 
 @pytest.fixture(scope="module")
@@ -713,18 +702,18 @@ def test_stop_pressed_while_encoding(make_harness, models, caplog):
     model = models("hf")
     pipeline = harness.extension._vision.current()
     fresh_decodes = harness.extension._fresh_decodes
-    original_take = fresh_decodes.take
+    original_pop = fresh_decodes.pop
 
-    def take_then_stop(key):  # the splice fetching the picture the prompt hook decoded
-        decoded = original_take(key)
+    def pop_then_stop(key):  # the splice fetching the picture the prompt hook decoded
+        decoded = original_pop(key)
         if threading.current_thread() is threading.main_thread():
             shared.stop_everything = True  # Stop pressed after webui's reset, before the tower runs
         return decoded
 
-    fresh_decodes.take = take_then_stop
+    fresh_decodes.pop = pop_then_stop
     with caplog.at_level(logging.INFO):
         harness.send(QUESTION, [good_image(1)])
-    del fresh_decodes.take
+    del fresh_decodes.pop
     call = harness.generate_calls[-1]
     assert_text_only(call, model)
     assert not any(record.exc_info for record in caplog.records), "a traceback was logged"

@@ -307,16 +307,16 @@ def _write_tokenizer(
     }
     if extra_config:
         config.update(extra_config)
-    _write_json(directory / "tokenizer_config.json", config)
+    write_json(directory / "tokenizer_config.json", config)
     special_map = {"bos_token": token_entry(BOS), "eos_token": token_entry(EOS), "unk_token": token_entry(UNK)}
     if pad_token is not None:
         special_map["pad_token"] = token_entry(pad_token)
     if added_special_tokens:
         special_map["additional_special_tokens"] = list(added_special_tokens)
         # transformers 4.x also wrote the added ids separately (llava-hf and LLaVA repos ship this file).
-        _write_json(directory / "added_tokens.json",
+        write_json(directory / "added_tokens.json",
                     {token: base_vocab + offset for offset, token in enumerate(added_special_tokens)})
-    _write_json(directory / "special_tokens_map.json", special_map)
+    write_json(directory / "special_tokens_map.json", special_map)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -379,6 +379,13 @@ def build_tiny_llava(base_vocab: int, seed: int = 0):
     from transformers import LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration(tiny_llava_config(base_vocab)).to(torch.float32).eval()
+    randomize_(model, seed)
+    return model
+
+
+def randomize_(model, seed: int) -> None:
+    """Redraw every parameter, in ``named_parameters`` order, from a private generator seeded with
+    ``seed``: norm weights 1 + noise, biases small noise, everything else N(0, WEIGHT_STD²)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -390,7 +397,6 @@ def build_tiny_llava(base_vocab: int, seed: int = 0):
                 parameter.copy_(BIAS_STD * noise)
             else:
                 parameter.copy_(WEIGHT_STD * noise)
-    return model
 
 
 # In-memory (transformers 5.x) prefixes → transformers 4.x / llava-hf on-disk prefixes (§3.2).
@@ -444,12 +450,14 @@ def original_language_state_dict(model, vocab_rows: int) -> dict[str, torch.Tens
 # Writers
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def _clip_image_processor_config(with_processor_class: bool) -> dict:
-    """llava-1.5-hf style `CLIPImageProcessor` settings for the tiny image size (dict sizes)."""
+def clip_image_processor_config(image_processor_type: str = "CLIPImageProcessor", processor_class: str | None = None,
+                                **extra) -> dict:
+    """llava-hf style image processor settings for the tiny image size (dict sizes), keys sorted;
+    ``extra`` adds or overrides entries (e.g. LLaVA-NeXT's ``image_grid_pinpoints``)."""
     config = {
         "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         "do_center_crop": True,
@@ -458,15 +466,16 @@ def _clip_image_processor_config(with_processor_class: bool) -> dict:
         "do_rescale": True,
         "do_resize": True,
         "image_mean": OPENAI_CLIP_MEAN,
-        "image_processor_type": "CLIPImageProcessor",
+        "image_processor_type": image_processor_type,
         "image_std": OPENAI_CLIP_STD,
         "resample": 3,
         "rescale_factor": 1 / 255,
         "size": {"shortest_edge": IMAGE_SIZE},
     }
-    if with_processor_class:
-        config["processor_class"] = "LlavaProcessor"
-    return config
+    if processor_class is not None:
+        config["processor_class"] = processor_class
+    config.update(extra)
+    return dict(sorted(config.items()))
 
 
 def _vision_config_dict() -> dict:
@@ -493,14 +502,14 @@ def _write_clip(directory: Path, model) -> None:
     directory.mkdir(parents=True)
     config = {"architectures": ["CLIPVisionModel"], **_vision_config_dict(),
               "torch_dtype": "float32", "transformers_version": "4.37.2"}
-    _write_json(directory / "config.json", config)
+    write_json(directory / "config.json", config)
     save_file(vision_tower_state_dict(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
     _write_clip_preprocessor_config(directory)
 
 
 def _write_clip_preprocessor_config(directory: Path) -> None:
     # openai/clip-vit-large-patch14-336 still ships the pre-ImageProcessor format (int sizes).
-    _write_json(directory / "preprocessor_config.json", {
+    write_json(directory / "preprocessor_config.json", {
         "crop_size": IMAGE_SIZE,
         "do_center_crop": True,
         "do_normalize": True,
@@ -582,14 +591,14 @@ def _write_v0(directory: Path, model, tokenizer: Tokenizer, clip_dir: Path, base
         "tune_mm_mlp_adapter": False,
         "use_mm_proj": True,
     }
-    _write_json(directory / "config.json", dict(sorted(config.items())))
+    write_json(directory / "config.json", dict(sorted(config.items())))
     state = original_language_state_dict(model, base_vocab + 3)
     projector = model.model.multi_modal_projector.linear_1
     state["model.mm_projector.weight"] = projector.weight.detach().clone()
     state["model.mm_projector.bias"] = projector.bias.detach().clone()
     torch.save(state, directory / "pytorch_model.bin")
     _write_tokenizer(directory, tokenizer, ["<im_patch>", "<im_start>", "<im_end>"], pad_token=None)
-    _write_json(directory / "generation_config.json",
+    write_json(directory / "generation_config.json",
                 {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
 
 
@@ -619,7 +628,7 @@ def _write_v15(directory: Path, model, tokenizer: Tokenizer, clip_dir: Path, bas
         "unfreeze_mm_vision_tower": False,
         "use_mm_proj": True,
     }
-    _write_json(directory / "config.json", dict(sorted(config.items())))
+    write_json(directory / "config.json", dict(sorted(config.items())))
     language = original_language_state_dict(model, base_vocab)
     projector = model.model.multi_modal_projector
     rest = {
@@ -644,10 +653,10 @@ def _write_v15(directory: Path, model, tokenizer: Tokenizer, clip_dir: Path, bas
         for name, tensor in shard.items():
             weight_map[name] = shard_name
             total_size += tensor.numel() * tensor.element_size()
-    _write_json(directory / "pytorch_model.bin.index.json",
+    write_json(directory / "pytorch_model.bin.index.json",
                 {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
     _write_tokenizer(directory, tokenizer, [], pad_token=UNK)
-    _write_json(directory / "generation_config.json",
+    write_json(directory / "generation_config.json",
                 {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
                  "max_length": MAX_POSITION_EMBEDDINGS})
 
@@ -696,22 +705,22 @@ def _hf4_config_dict(base_vocab: int, projector_hidden_act: str) -> dict:
 def _write_hf(directory: Path, model, tokenizer: Tokenizer, base_vocab: int) -> None:
     """llava-hf as converted under transformers 4.x: one model.safetensors with 4.x key names."""
     directory.mkdir(parents=True)
-    _write_json(directory / "config.json", _hf4_config_dict(base_vocab, "gelu"))
+    write_json(directory / "config.json", _hf4_config_dict(base_vocab, "gelu"))
     save_file(hf4_state_dict(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(directory / "generation_config.json",
+    write_json(directory / "generation_config.json",
                 {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2,
                  "pad_token_id": base_vocab + 1, "transformers_version": "4.36.0.dev0"})
     _write_tokenizer(directory, tokenizer, ["<image>", "<pad>"], pad_token="<pad>",
                      extra_config={"processor_class": "LlavaProcessor"})
-    _write_json(directory / "chat_template.json", {"chat_template": LLAVA_15_HF_CHAT_TEMPLATE})
-    _write_json(directory / "processor_config.json", {
+    write_json(directory / "chat_template.json", {"chat_template": LLAVA_15_HF_CHAT_TEMPLATE})
+    write_json(directory / "processor_config.json", {
         "image_token": "<image>",
         "num_additional_image_tokens": 1,
         "patch_size": PATCH_SIZE,
         "processor_class": "LlavaProcessor",
         "vision_feature_select_strategy": "default",
     })
-    _write_json(directory / "preprocessor_config.json", _clip_image_processor_config(with_processor_class=True))
+    write_json(directory / "preprocessor_config.json", clip_image_processor_config(processor_class="LlavaProcessor"))
 
 
 def _write_hf5(directory: Path, model, hf_dir: Path) -> None:
@@ -735,14 +744,14 @@ def _write_hf5(directory: Path, model, hf_dir: Path) -> None:
 def _write_hf_linear(directory: Path, model, tokenizer: Tokenizer, base_vocab: int) -> None:
     """llava-hf reference for v0: linear activation, linear_1 = v0 projector, linear_2 = identity."""
     directory.mkdir(parents=True)
-    _write_json(directory / "config.json", _hf4_config_dict(base_vocab, "linear"))
+    write_json(directory / "config.json", _hf4_config_dict(base_vocab, "linear"))
     weights = hf4_state_dict(model)
     weights["multi_modal_projector.linear_2.weight"] = torch.eye(TEXT_HIDDEN_SIZE)
     weights["multi_modal_projector.linear_2.bias"] = torch.zeros(TEXT_HIDDEN_SIZE)
     save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
     # The v0 tokenizer: `<im_patch>` = V is this config's image_token_index (§5.2).
     _write_tokenizer(directory, tokenizer, ["<im_patch>", "<im_start>", "<im_end>"], pad_token=None)
-    _write_json(directory / "preprocessor_config.json", _clip_image_processor_config(with_processor_class=False))
+    write_json(directory / "preprocessor_config.json", clip_image_processor_config())
 
 
 def write_tiny_checkpoints(root: Path, seed: int = 0) -> TinyCheckpoints:

@@ -44,10 +44,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 import tiny_llava
 from tiny_llava import (
-    BIAS_STD,
     IMAGE_SIZE,
     MAX_POSITION_EMBEDDINGS,
-    NORM_WEIGHT_NOISE,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     PATCH_SIZE,
@@ -62,7 +60,6 @@ from tiny_llava import (
     VISION_HEADS,
     VISION_HIDDEN_SIZE,
     VISION_INTERMEDIATE_SIZE,
-    WEIGHT_STD,
     padded_vocab_size,
 )
 
@@ -138,22 +135,6 @@ class TinyNextCheckpoints:
 # Weights
 
 
-def randomize_(model, seed: int) -> None:
-    """Redraw every parameter from a private generator, like `tiny_llava.build_tiny_llava` does: norms
-    1 + noise, biases small noise, everything else N(0, WEIGHT_STD²) (``image_newline`` included)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
-            module_name = name.rsplit(".", 2)[-2]
-            if "norm" in module_name and name.endswith(".weight"):
-                parameter.copy_(1.0 + NORM_WEIGHT_NOISE * noise)
-            elif name.endswith(".bias"):
-                parameter.copy_(BIAS_STD * noise)
-            else:
-                parameter.copy_(WEIGHT_STD * noise)
-
-
 def _llama_text_config(vocab: int, model_type: str = "llama", **extra):
     from transformers import AutoConfig
 
@@ -218,41 +199,17 @@ def _write_hf_dir(directory: Path, model, architecture: str, *, tokenizer: Token
                   pad_token: str | None, chat_template: str, processor_config: dict, preprocessor_config: dict,
                   generation: dict, tokenizer_writer=None) -> None:
     directory.mkdir(parents=True)
-    _write_json(directory / "config.json", _hf_config_dict(model, architecture, "4.40.0.dev0"))
+    tiny_llava.write_json(directory / "config.json", _hf_config_dict(model, architecture, "4.40.0.dev0"))
     save_file(tiny_llava.hf4_state_dict(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(directory / "generation_config.json", {"_from_model_config": True, **generation})
+    tiny_llava.write_json(directory / "generation_config.json", {"_from_model_config": True, **generation})
     if tokenizer_writer is None:
         tiny_llava._write_tokenizer(directory, tokenizer, added, pad_token=pad_token,
                                     extra_config={"processor_class": processor_config["processor_class"]})
     else:
         tokenizer_writer(directory)
-    _write_json(directory / "chat_template.json", {"chat_template": chat_template})
-    _write_json(directory / "processor_config.json", processor_config)
-    _write_json(directory / "preprocessor_config.json", preprocessor_config)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def _clip_preprocessor(processor_class: str, image_processor_type: str, **extra) -> dict:
-    config = {
-        "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        "do_center_crop": True,
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": OPENAI_CLIP_MEAN,
-        "image_processor_type": image_processor_type,
-        "image_std": OPENAI_CLIP_STD,
-        "processor_class": processor_class,
-        "resample": 3,
-        "rescale_factor": 1 / 255,
-        "size": {"shortest_edge": IMAGE_SIZE},
-    }
-    config.update(extra)
-    return dict(sorted(config.items()))
+    tiny_llava.write_json(directory / "chat_template.json", {"chat_template": chat_template})
+    tiny_llava.write_json(directory / "processor_config.json", processor_config)
+    tiny_llava.write_json(directory / "preprocessor_config.json", preprocessor_config)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,7 +232,7 @@ def build_tiny_next(base_vocab: int, seed: int):
         use_image_newline_parameter=True,
     )
     model = LlavaNextForConditionalGeneration(config).to(torch.float32).eval()
-    randomize_(model, seed)
+    tiny_llava.randomize_(model, seed)
     return model
 
 
@@ -285,8 +242,9 @@ def _write_next_hf(directory: Path, model, tokenizer: Tokenizer, base_vocab: int
         pad_token="<pad>", chat_template=VICUNA_NEXT_CHAT_TEMPLATE,
         processor_config={"image_token": "<image>", "num_additional_image_tokens": 1, "patch_size": PATCH_SIZE,
                           "processor_class": "LlavaNextProcessor", "vision_feature_select_strategy": "default"},
-        preprocessor_config=_clip_preprocessor("LlavaNextProcessor", "LlavaNextImageProcessor", do_pad=True,
-                                               aspect_ratio_setting="anyres", image_grid_pinpoints=TINY_PINPOINTS),
+        preprocessor_config=tiny_llava.clip_image_processor_config(
+            "LlavaNextImageProcessor", "LlavaNextProcessor", do_pad=True, aspect_ratio_setting="anyres",
+            image_grid_pinpoints=TINY_PINPOINTS),
         generation={"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": base_vocab + 1},
     )
 
@@ -307,7 +265,7 @@ def _write_clip_next(directory: Path, model, seed: int) -> None:
     directory.mkdir(parents=True)
     config = {"architectures": ["CLIPVisionModel"], **tiny_llava._vision_config_dict(),
               "torch_dtype": "float32", "transformers_version": "4.37.2"}
-    _write_json(directory / "config.json", config)
+    tiny_llava.write_json(directory / "config.json", config)
     generator = torch.Generator().manual_seed(seed)
     weights = {
         name: (tensor + 0.05 * torch.randn(tensor.shape, generator=generator)).contiguous()
@@ -357,7 +315,7 @@ def _write_next_orig(directory: Path, model, tokenizer: Tokenizer, clip_dir: Pat
     if mistral:
         config.pop("pretraining_tp", None)
         config["sliding_window"] = None
-    _write_json(directory / "config.json", dict(sorted(config.items())))
+    tiny_llava.write_json(directory / "config.json", dict(sorted(config.items())))
     language = tiny_llava.original_language_state_dict(model, base_vocab)
     projector = model.model.multi_modal_projector
     rest = {
@@ -380,10 +338,10 @@ def _write_next_orig(directory: Path, model, tokenizer: Tokenizer, clip_dir: Pat
         for name, tensor in shard.items():
             weight_map[name] = shard_name
             total += tensor.numel() * tensor.element_size()
-    _write_json(directory / "model.safetensors.index.json",
+    tiny_llava.write_json(directory / "model.safetensors.index.json",
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     tiny_llava._write_tokenizer(directory, tokenizer, [], pad_token=UNK)
-    _write_json(directory / "generation_config.json",
+    tiny_llava.write_json(directory / "generation_config.json",
                 {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
 
 
@@ -402,7 +360,7 @@ def build_tiny_llava_variant(text_config, vision_config, *, image_token_id: int,
         image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
     )
     model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
-    randomize_(model, seed)
+    tiny_llava.randomize_(model, seed)
     return model
 
 
@@ -444,7 +402,7 @@ def _write_qwen_tokenizer(directory: Path, tokenizer: Tokenizer) -> None:
             raise RuntimeError(f"added token {token} did not get id {base + offset}")
     tokenizer.save(str(directory / "tokenizer.json"))
     vocab = tokenizer.get_vocab(with_added_tokens=False)
-    _write_json(directory / "vocab.json", dict(sorted(vocab.items(), key=lambda item: item[1])))
+    tiny_llava.write_json(directory / "vocab.json", dict(sorted(vocab.items(), key=lambda item: item[1])))
     merges = json.loads(tokenizer.to_str())["model"]["merges"]
     (directory / "merges.txt").write_text(
         "#version: 0.2\n" + "".join(" ".join(m) + "\n" if isinstance(m, list) else m + "\n" for m in merges),
@@ -454,7 +412,7 @@ def _write_qwen_tokenizer(directory: Path, tokenizer: Tokenizer) -> None:
         return {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
                 "single_word": False, "special": True}
 
-    _write_json(directory / "tokenizer_config.json", {
+    tiny_llava.write_json(directory / "tokenizer_config.json", {
         "add_prefix_space": False,
         "added_tokens_decoder": {str(base + i): entry(token) for i, token in enumerate(QWEN_ADDED)},
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
@@ -485,7 +443,7 @@ def _write_variants(root: Path, tokenizer: Tokenizer, base_vocab: int, seed: int
     _write_hf_dir(root / "bakllava", bakllava, "LlavaForConditionalGeneration", tokenizer=tokenizer,
                   added=["<image>", "<pad>"], pad_token="<pad>", chat_template=MISTRAL_NEXT_CHAT_TEMPLATE,
                   processor_config=llama_processor,
-                  preprocessor_config=_clip_preprocessor("LlavaProcessor", "CLIPImageProcessor"),
+                  preprocessor_config=tiny_llava.clip_image_processor_config("CLIPImageProcessor", "LlavaProcessor"),
                   generation=llama_generation)
 
     multilayer = build_tiny_llava_variant(
@@ -494,7 +452,7 @@ def _write_variants(root: Path, tokenizer: Tokenizer, base_vocab: int, seed: int
     _write_hf_dir(root / "multilayer", multilayer, "LlavaForConditionalGeneration", tokenizer=tokenizer,
                   added=["<image>", "<pad>"], pad_token="<pad>", chat_template=tiny_llava.LLAVA_15_HF_CHAT_TEMPLATE,
                   processor_config=llama_processor,
-                  preprocessor_config=_clip_preprocessor("LlavaProcessor", "CLIPImageProcessor"),
+                  preprocessor_config=tiny_llava.clip_image_processor_config("CLIPImageProcessor", "LlavaProcessor"),
                   generation=llama_generation)
 
     qwen_tokenizer = train_tiny_byte_level_tokenizer()
