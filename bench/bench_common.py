@@ -68,10 +68,12 @@ def llama_text_config(hidden: int, layers: int, heads: int, intermediate: int, v
     }
 
 
-def llava_config(text: dict, vision: dict, image_token_id: int, pad_token_id: int):
-    """llava-hf LLaVA-1.5 config: layer -2, CLS dropped, gelu projector vision_hidden -> text_hidden."""
+def llava_config(text: dict, vision: dict, tokenizer):
+    """llava-hf LLaVA-1.5 config: layer -2, CLS dropped, gelu projector vision_hidden -> text_hidden;
+    image and pad ids from ``tokenizer`` (see :func:`write_tokenizer`)."""
     from transformers import LlavaConfig
 
+    image_token_id, pad_token_id = tokenizer.convert_tokens_to_ids([IMAGE_MARKER, PAD_TOKEN])
     patches = (vision["image_size"] // vision["patch_size"]) ** 2
     return LlavaConfig(
         text_config=dict(text), vision_config=dict(vision), image_token_index=image_token_id,

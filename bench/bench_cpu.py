@@ -104,8 +104,7 @@ def bench_encode(root: Path, args, shapes: dict, result: dict) -> None:
     folder = root / "encode"
     folder.mkdir()
     tokenizer = bc.write_tokenizer(folder)
-    config = bc.llava_config(shapes["text_7b"], shapes["vision"], tokenizer.convert_tokens_to_ids(bc.IMAGE_MARKER),
-                             tokenizer.convert_tokens_to_ids(bc.PAD_TOKEN))
+    config = bc.llava_config(shapes["text_7b"], shapes["vision"], tokenizer)
     started = time.perf_counter()
     reference = bc.build_llava(config, "cpu", torch.float32, seed=0, vision_only=True)
     bc.write_llava_hf_checkpoint(folder, reference, with_language_model=False)
@@ -192,8 +191,7 @@ def bench_chat(root: Path, args, shapes: dict, result: dict) -> None:
     folder = root / "chat"
     folder.mkdir()
     tokenizer = bc.write_tokenizer(folder)
-    config = bc.llava_config(shapes["text_small"], shapes["vision"], tokenizer.convert_tokens_to_ids(bc.IMAGE_MARKER),
-                             tokenizer.convert_tokens_to_ids(bc.PAD_TOKEN))
+    config = bc.llava_config(shapes["text_small"], shapes["vision"], tokenizer)
     model = bc.build_llava(config, "cpu", torch.float32, seed=1)
     bc.write_llava_hf_checkpoint(folder, model, with_language_model=True)
     del model

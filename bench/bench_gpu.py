@@ -92,8 +92,7 @@ class Bench:
         self.folder = root / "llava-1.5-7b-random"
         self.folder.mkdir()
         tokenizer = bc.write_tokenizer(self.folder)
-        config = bc.llava_config(text, vision, tokenizer.convert_tokens_to_ids(bc.IMAGE_MARKER),
-                                 tokenizer.convert_tokens_to_ids(bc.PAD_TOKEN))
+        config = bc.llava_config(text, vision, tokenizer)
         started = time.perf_counter()
         self.reference = bc.build_llava(config, self.device, self.dtype, seed=0)
         self.sync()
@@ -242,6 +241,7 @@ class Bench:
     # ------------------------------------------------------------------------------------------ follow-up
 
     def bench_followup(self) -> None:
+        from llava_image_io import source_digest
         from llava_prompt import split_on_marker
 
         tokenizer, pipeline, language_model, embed_tokens = self.tokenizer, self.pipeline, self.language_model, self.embed_tokens
@@ -283,8 +283,6 @@ class Bench:
             if pipeline.cache.hits - hits < 5 * 2 * (self.args.reps + 2):
                 raise RuntimeError("the follow-up turns did not hit the embedding cache for every image")
             decode_timing = self.timed({"decode": decode}, self.args.reps, warmup=1)
-            from llava_image_io import source_digest
-
             sizes = [image.size for image in images]
             keys = [source_digest(url) for url in urls]
             stages = {
