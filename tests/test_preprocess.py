@@ -2,6 +2,7 @@
 
 import logging
 import math
+import time
 
 import numpy as np
 import pytest
@@ -180,6 +181,97 @@ def test_parallel_split_is_exact(monkeypatch, reference_processors):
         for pad in (True, False):
             assert torch.equal(preprocess(image, clip_config(56, pad)),
                                reference(reference_processors[56, pad], image)), (size, pad)
+
+
+def test_exact_prefix_geometry():
+    # 1024×768 at 336 px: the crop keeps columns 56..392 of 448; the pass may stop after 392 at 896.0.
+    assert llava_preprocess._exact_prefix(1024, 448, 392) == 896.0
+    assert llava_preprocess._exact_prefix(6000, 504, 420) == 5000.0  # 3:2
+    assert llava_preprocess._exact_prefix(1920, 597, 466) is None  # 16:9: 466 * 1920 / 597 is no float32
+    assert llava_preprocess._exact_prefix(1000, 504, 420) is None  # 1000 * 5 / 6
+    assert llava_preprocess._exact_prefix(1024, 448, 448) is None  # nothing to skip
+    assert llava_preprocess._exact_prefix((1 << 25) + 1, 2, 1) is None  # half of it needs 25 bits
+
+
+_CONVOLUTION_FILTERS = [Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS,
+                        Image.Resampling.BOX, Image.Resampling.HAMMING]
+
+
+def test_exact_prefix_is_bit_identical_to_the_full_pass():
+    # The claim behind `_exact_prefix`, checked against PIL itself on geometries where it applies: the
+    # first `count` outputs of resampling the box [0, end) equal those of the whole pass, in either
+    # direction and with every convolution filter (up- and downscaling).
+    rng = np.random.default_rng(11)
+    checked = 0
+    for _ in range(1500):
+        out_size = int(rng.integers(2, 200))
+        in_size = int(out_size * rng.choice([2, 16 / 7, 7 / 4, 3 / 2, 5 / 8, 4 / 3, 9 / 16, 1.25]) + rng.integers(0, 3))
+        count = int(rng.integers(1, out_size))
+        end = llava_preprocess._exact_prefix(max(in_size, 1), out_size, count)
+        if end is None:
+            continue
+        in_size = max(in_size, 1)
+        image = noise_image(in_size, 7, seed=checked)
+        resample = _CONVOLUTION_FILTERS[checked % len(_CONVOLUTION_FILTERS)]
+        full = np.asarray(image.resize((out_size, 7), resample))[:, :count]
+        prefix = np.asarray(image.resize((count, 7), resample, box=(0, 0, end, 7)))
+        assert np.array_equal(prefix, full), (in_size, out_size, count, end, resample)
+        tall = image.transpose(Image.Transpose.TRANSPOSE)  # the same for the vertical pass
+        full = np.asarray(tall.resize((7, out_size), resample))[:count]
+        prefix = np.asarray(tall.resize((7, count), resample, box=(0, 0, 7, end)))
+        assert np.array_equal(prefix, full), ("vertical", in_size, out_size, count, end, resample)
+        checked += 1
+    assert checked >= 200
+
+
+def test_photo_shapes_take_the_exact_prefix(monkeypatch, reference_processors):
+    # 4:3 landscape and portrait photos at 336 px skip the resize outputs after the crop, and stay exact.
+    boxes = []
+    resize = Image.Image.resize
+
+    def spy(image, size, resample=None, box=None, reducing_gap=None):
+        boxes.append(box)
+        return resize(image, size, resample, box, reducing_gap)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    for size in [(1024, 768), (768, 1024)]:
+        boxes.clear()
+        image = smooth_image(*size)
+        assert torch.equal(preprocess(image, clip_config(336, False)), reference(reference_processors[336, False], image))
+        assert any(box is not None and 896.0 in box for box in boxes), (size, boxes)
+
+
+def test_self_check_catches_a_wrong_prefix(monkeypatch, caplog):
+    monkeypatch.setattr(llava_preprocess, "_exact_prefix", lambda in_size, out_size, count: count * in_size / out_size + 0.5)
+    llava_preprocess._pass_split_verified.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="llava_preprocess"):
+            assert not llava_preprocess._pass_split_verified()
+    finally:
+        llava_preprocess._pass_split_verified.cache_clear()
+
+
+def test_chunks_finish_before_an_error_propagates():
+    # The calling thread runs the first chunk itself; when it fails, the workers' chunks (which write into
+    # the same buffers) still finish before the error reaches the caller, and a worker's error surfaces too.
+    finished = []
+
+    def work(bounds):
+        if bounds[0] == 0:
+            raise ValueError("first chunk failed")
+        time.sleep(0.05)
+        finished.append(bounds)
+
+    with pytest.raises(ValueError, match="first chunk"):
+        llava_preprocess._run_chunks(work, [(0, 1), (1, 2), (2, 3)])
+    assert sorted(finished) == [(1, 2), (2, 3)]
+
+    def fail_in_worker(bounds):
+        if bounds[0] == 2:
+            raise RuntimeError("worker chunk failed")
+
+    with pytest.raises(RuntimeError, match="worker chunk"):
+        llava_preprocess._run_chunks(fail_in_worker, [(0, 1), (1, 2), (2, 3)])
 
 
 @pytest.mark.parametrize("threads", [1, 3])

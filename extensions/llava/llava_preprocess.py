@@ -27,10 +27,13 @@ How this module is faster without changing a bit:
   vertical-only one (or the reverse, matching the order this Pillow version picks, `_pil_pass_order`)
   is the same computation. Each pass treats rows (horizontal) or columns (vertical) independently, with
   coefficients that depend only on the input and output lengths, so a pass may run on a subset of rows
-  or columns, and in parallel threads (PIL releases the GIL while resampling). Only what the crop keeps
-  is computed, and the uniform background rows of a padded landscape image are resampled once. A
-  one-time self-check (`_pass_split_verified`) falls back to plain `Image.resize` if this Pillow behaves
-  otherwise, and the tests compare every path with the reference processors using ``torch.equal``.
+  or columns, and in parallel threads (PIL releases the GIL while resampling; the calling thread takes a
+  share). Only the rows or columns the crop keeps are resampled by the second pass and read by the first;
+  a pass also stops after the last output the crop keeps where PIL provably places the samples the same
+  (`_exact_prefix`: 4:3 photos, most 3:2 ones), and the uniform background rows of a padded landscape
+  image are resampled once. A one-time self-check (`_pass_split_verified`) falls back to plain
+  `Image.resize` if this Pillow behaves otherwise, and the tests compare every path with the reference
+  processors using ``torch.equal``.
 
 Also here: LLaVA-NeXT "anyres" tiling (`process_anyres_image`) in both the original LLaVA and the
 transformers semantics (llava-formats.md §2.9, divergence D1).
@@ -39,12 +42,15 @@ transformers semantics (llava-formats.md §2.9, divergence D1).
 from __future__ import annotations
 
 import ast
+import concurrent.futures
 import dataclasses
 import functools
 import logging
 import math
 import re
+import struct
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -479,7 +485,7 @@ def _horizontal_then_vertical(source: _PaddedSource, out_w: int, out_h: int, kee
     background_bands = [(need0, min(need1, image0)), (max(need0, image1), need1)]
     if any(first < last for first, last in background_bands):
         line = Image.new("RGB", (source.width, 1), source.background)
-        background_row = _horizontal(line, out_w, resample).crop((col0, 0, col1, 1))
+        background_row = _horizontal(line, out_w, keep_cols, resample)
         for first, last in background_bands:
             if first < last:
                 # NEAREST stretching of one row copies it exactly.
@@ -488,14 +494,14 @@ def _horizontal_then_vertical(source: _PaddedSource, out_w: int, out_h: int, kee
     band0, band1 = max(need0, image0), min(need1, image1)
 
     def horizontal(bounds: tuple[int, int]) -> None:
-        band = _horizontal(source.rows(*bounds), out_w, resample).crop((col0, 0, col1, bounds[1] - bounds[0]))
+        band = _horizontal(source.rows(*bounds), out_w, keep_cols, resample)
         intermediate.paste(band, (0, bounds[0] - base))  # chunks write disjoint rows
 
     if band1 > band0:
         _run_chunks(horizontal, _split(band0, band1, (band1 - band0) * out_w))
     if not vertical:
         return np.asarray(intermediate)
-    return _vertical(intermediate, out_h, resample)[keep_rows[0]:keep_rows[1]]
+    return _vertical(intermediate, out_h, keep_rows, resample)
 
 
 def _vertical_then_horizontal(image: Image.Image, out_w: int, out_h: int, keep_rows: tuple[int, int],
@@ -503,15 +509,14 @@ def _vertical_then_horizontal(image: Image.Image, out_w: int, out_h: int, keep_r
     """Mirror image of the above: vertical pass on the columns the kept output columns read, horizontal
     pass on the kept output rows."""
     need0, need1 = _span_read(image.width, out_w, keep_cols)
-    strip = Image.fromarray(_vertical(image.crop((need0, 0, need1, image.height)), out_h, resample)
-                            [keep_rows[0]:keep_rows[1]])
+    strip = Image.fromarray(_vertical(image.crop((need0, 0, need1, image.height)), out_h, keep_rows, resample))
     intermediate = Image.new("RGB", (image.width, strip.height))  # columns never read stay black
     intermediate.paste(strip, (need0, 0))
     output = Image.new("RGB", (keep_cols[1] - keep_cols[0], strip.height))
 
     def horizontal(bounds: tuple[int, int]) -> None:
-        band = _horizontal(intermediate.crop((0, bounds[0], image.width, bounds[1])), out_w, resample)
-        output.paste(band.crop((keep_cols[0], 0, keep_cols[1], band.height)), (0, bounds[0]))
+        band = _horizontal(intermediate.crop((0, bounds[0], image.width, bounds[1])), out_w, keep_cols, resample)
+        output.paste(band, (0, bounds[0]))
 
     _run_chunks(horizontal, _split(0, strip.height, strip.height * out_w))
     return np.asarray(output)
@@ -531,23 +536,70 @@ def _span_read(in_size: int, out_size: int, keep: tuple[int, int]) -> tuple[int,
     return max(first, 0), min(last, in_size)
 
 
-def _horizontal(band: Image.Image, out_w: int, resample: int) -> Image.Image:
-    """Horizontal-only PIL resize (same height)."""
-    return band if band.width == out_w else band.resize((out_w, band.height), resample)
+def _horizontal(band: Image.Image, out_w: int, keep_cols: tuple[int, int], resample: int) -> Image.Image:
+    """Columns ``keep_cols`` of a horizontal-only PIL resize of ``band`` to width ``out_w`` (same height)."""
+    col0, col1 = keep_cols
+    height = band.height
+    if band.width == out_w:
+        resized = band
+    elif (source_end := _exact_prefix(band.width, out_w, col1)) is not None:  # skip the columns after col1
+        resized = band.resize((col1, height), resample, box=(0, 0, source_end, height))
+    else:
+        resized = band.resize((out_w, height), resample)
+    return resized if keep_cols == (0, resized.width) else resized.crop((col0, 0, col1, height))
 
 
-def _vertical(image: Image.Image, out_h: int, resample: int) -> np.ndarray:
-    """Vertical-only PIL resize (same width) → uint8 ``[out_h, width, 3]``, split by columns across threads."""
+def _vertical(image: Image.Image, out_h: int, keep_rows: tuple[int, int], resample: int) -> np.ndarray:
+    """Rows ``keep_rows`` of a vertical-only PIL resize (same width) → uint8 ``[rows kept, width, 3]``,
+    split by columns across threads."""
+    row0, row1 = keep_rows
     if image.height == out_h:
-        return np.asarray(image)
-    output = np.empty((out_h, image.width, 3), dtype=np.uint8)
+        return np.asarray(image)[row0:row1]
+    source_end = _exact_prefix(image.height, out_h, row1)  # if not None, skip the rows after row1
+    output = np.empty((row1 - row0, image.width, 3), dtype=np.uint8)
 
     def vertical(bounds: tuple[int, int]) -> None:
         strip = image.crop((bounds[0], 0, bounds[1], image.height))
-        output[:, bounds[0]:bounds[1]] = np.asarray(strip.resize((bounds[1] - bounds[0], out_h), resample))
+        width = bounds[1] - bounds[0]
+        if source_end is None:
+            resized = strip.resize((width, out_h), resample)
+        else:
+            resized = strip.resize((width, row1), resample, box=(0, 0, width, source_end))
+        output[:, bounds[0]:bounds[1]] = np.asarray(resized)[row0:row1]
 
-    _run_chunks(vertical, _split(0, image.width, out_h * image.width))
+    _run_chunks(vertical, _split(0, image.width, (row1 - row0) * image.width))
     return output
+
+
+@functools.lru_cache(maxsize=256)
+def _exact_prefix(in_size: int, out_size: int, count: int) -> float | None:
+    """Where a 1-D PIL resampling pass of ``in_size`` inputs to ``out_size`` outputs may stop reading so
+    that resampling inputs ``[0, end)`` to ``count`` outputs (``resize(box=...)``) gives, bit for bit, its
+    first ``count`` outputs: ``end``, or None when that cannot be certain (then all outputs are computed).
+
+    PIL (``precompute_coeffs`` in libImaging/Resample.c) centres output ``i`` at ``in0 + (i + 0.5) * scale``
+    with ``scale = (double)(in1 - in0) / outputs`` and the box edges ``in0``, ``in1`` single-precision
+    floats; each output's input bounds, kernel weights, their sum and its fixed-point coefficients are
+    functions of that centre, ``scale`` and ``in_size`` alone. With ``in0 = 0`` the centres are the full
+    pass's whenever the scale is the same double: when ``end = count * in_size / out_size`` is exactly a
+    float32 (a 1024×768 photo at 336 px: 392 of 448 columns, ``end`` 896.0; 4:3 photos in general, most 3:2
+    ones, not 16:9 ones). A box that starts past 0 could round the centres differently, so the columns
+    before the crop are always computed.
+    """
+    if not 0 < count < out_size:
+        return None
+    end = Fraction(count * in_size, out_size)
+    if not _is_float32(end) or float(end) / count != in_size / out_size:
+        return None
+    return float(end)
+
+
+def _is_float32(value: Fraction) -> bool:
+    """Is the rational ``value`` exactly a (finite) single-precision float?"""
+    if value.denominator & (value.denominator - 1):  # not a power of two
+        return False
+    as_double = float(value)
+    return Fraction(as_double) == value and struct.unpack("f", struct.pack("f", as_double))[0] == as_double
 
 
 def _split(first: int, last: int, work: int) -> list[tuple[int, int]]:
@@ -561,7 +613,13 @@ def _run_chunks(function: Callable[[tuple[int, int]], None], chunks: list[tuple[
     if len(chunks) == 1:
         function(chunks[0])
         return
-    for future in [worker_pool().submit(function, chunk) for chunk in chunks]:
+    # The calling thread takes the first chunk itself rather than idling while it waits for the others.
+    futures = [worker_pool().submit(function, chunk) for chunk in chunks[1:]]
+    try:
+        function(chunks[0])
+    finally:
+        concurrent.futures.wait(futures)  # chunks write into shared buffers: never leave while one runs
+    for future in futures:
         future.result()  # re-raises a worker's exception here
 
 
@@ -595,7 +653,7 @@ def _pillow_version() -> tuple[int, int] | None:
 def _pass_split_verified() -> bool:
     """One-time self-check (a few ms, tiny images): does the pass split reproduce this Pillow bit for bit?
 
-    Covers both pass orders, up- and downscaling, padding and cropping. On any difference (a Pillow
+    Covers both pass orders, up- and downscaling, padding, cropping and passes cut short at an exact prefix. On any difference (a Pillow
     build that resamples differently from what `_pil_pass_order` expects) we fall back to plain
     `Image.resize` calls for the life of the process.
     """
@@ -604,6 +662,7 @@ def _pass_split_verified() -> bool:
         ((61, 23), (29, 11), None), ((23, 61), (11, 29), None), ((9, 67), (4, 30), None),
         ((3, 310), (2, 100), None), ((17, 13), (40, 31), None), ((31, 20), (13, 13), (122, 116, 104)),
         ((20, 31), (13, 13), (122, 116, 104)),
+        ((64, 48), (32, 24), None),  # both passes stop at an exact prefix (`_exact_prefix`)
     ]
     for (width, height), out_size, background in cases:
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
