@@ -22,6 +22,9 @@ says how busy it was). Definitions:
 * ``encode_fp32_ratio``: ``LlavaPipeline.encode_pixels(pixels)`` (truncated tower + projector, fp32)
   / ``LlavaForConditionalGeneration.get_image_features(pixels)`` (fp32, sdpa), batch 1, same pixels.
   ``encode_fp32_max_abs_diff`` is the largest |ours - reference| over the [576, 4096] output.
+  ``encode_fp32_matmul_s``: the time our encode spends in its matrix products (one profiled call), and
+  ``encode_fp32_matmul_floor_ratio`` that / the reference's whole encode: the ratio no exact fp32 encode
+  with this GEMM library can beat on this CPU (``encode_fp32_matmul_gflops_per_s`` is their rate).
 * ``encode_bf16_ratio``: the same encode with ``clip_bits = projector_bits = "bf16"`` / the fp32
   reference; ``encode_bf16_max_abs_diff`` and ``encode_bf16_rel_error`` (||d|| / ||ref||) vs fp32.
 * ``preprocess_ratio``: ``llava_preprocess.preprocess_batch([image], cfg)`` / transformers
@@ -35,7 +38,10 @@ says how busy it was). Definitions:
   first token's logits. Reference: the same turn with no vision work: the same-length prompt (each image
   as 576 ``<image>`` text tokens) through ``tokenizer(...)``, ``embed_tokens`` and the same prefill.
   ``cached_followup_decode_all_ratio``: the same turn decoding all 5 images first (what a pipeline without
-  content keys would pay).
+  content keys would pay). ``followup_overhead_ms``: the extension's part of the turn alone, its prompt
+  preparation minus the plain ``tokenizer`` + ``embed_tokens`` (timed interleaved, at least 10 rounds);
+  ``cached_followup_ratio_by_parts`` = 1 + that / the baseline turn: the same ratio without the
+  prefill's run-to-run spread, which on a 2-core box moves the direct ratio by several %.
 * ``text_turn_overhead_ms``: median ``LlavaPipeline.prepare`` of a text-only prompt (no images) minus
   median ``tokenizer(text)`` + ``embed_tokens`` of the same text (same ids, checked).
 
@@ -97,6 +103,18 @@ def plain_layers_encode(pipeline, pixels: torch.Tensor) -> torch.Tensor:
     return pipeline.projector(hidden[:, 1:])
 
 
+def matmul_time(function) -> tuple[float, float]:
+    """Seconds and FLOPs of the matrix products in one profiled call of ``function`` (torch.profiler's
+    self CPU time of the addmm / mm / bmm operators: their time on the calling thread, MKL's threads
+    working inside it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as profiled:
+        function()
+    events = [e for e in profiled.key_averages() if e.key in ("aten::addmm", "aten::mm", "aten::bmm")]
+    return sum(e.self_cpu_time_total for e in events) / 1e6, float(sum(e.flops for e in events))
+
+
 def bench_encode(root: Path, args, shapes: dict, result: dict) -> None:
     from llava_pipeline import LlavaPipeline, VisionSettings
     import llava_preprocess
@@ -134,6 +152,11 @@ def bench_encode(root: Path, args, shapes: dict, result: dict) -> None:
     result["encode_fp32_ratio"] = bc.rounded(timing.ratio("fp32", "reference"))
     result["encode_fp32_cpu_time_ratio"] = bc.rounded(timing.ratio("fp32", "reference", cpu=True))
     result["encode_fp32_max_abs_diff"] = float((outputs["fp32"] - want).abs().max())
+    with torch.inference_mode():
+        matmul_s, matmul_flops = matmul_time(lambda: fp32.encode_pixels(pixels))
+    result["encode_fp32_matmul_s"] = bc.rounded(matmul_s)
+    result["encode_fp32_matmul_gflops_per_s"] = bc.rounded(matmul_flops / matmul_s / 1e9)
+    result["encode_fp32_matmul_floor_ratio"] = bc.rounded(matmul_s / timing.median("reference"))
     if "bf16" in candidates:
         difference = outputs["bf16"] - want
         result["encode_bf16_s"] = bc.rounded(timing.median("bf16"))
@@ -241,8 +264,11 @@ def bench_chat(root: Path, args, shapes: dict, result: dict) -> None:
     def ours_followup_decode_all():
         return first_token(pipeline.prepare(parts, decode(), tokenizer, embed_tokens, add_bos=True).inputs_embeds)
 
+    def plain_embeds():
+        return embed_tokens(torch.tensor([tokenizer(plain_prompt)["input_ids"]]))
+
     def baseline():
-        return first_token(embed_tokens(torch.tensor([tokenizer(plain_prompt)["input_ids"]])))
+        return first_token(plain_embeds())
 
     with torch.inference_mode():
         started = time.perf_counter()
@@ -260,7 +286,9 @@ def bench_chat(root: Path, args, shapes: dict, result: dict) -> None:
         if pipeline.cache.hits - hits_before < 5 * 2 * (args.reps + 1):
             raise RuntimeError("the follow-up turns did not hit the embedding cache for every image")
         decode_timing = bc.time_interleaved({"decode": decode}, max(3, args.reps))
-        prepare_timing = bc.time_interleaved({"prepare": extension_turn}, max(3, args.reps))
+        # The turns' difference without the prefill, whose run-to-run spread on a small shared CPU (several
+        # % of 3 s) can exceed what the extension adds: its prompt preparation vs the plain one's.
+        prepare_timing = bc.time_interleaved({"prepare": extension_turn, "plain": plain_embeds}, max(10, args.reps))
     result["followup_tokens"] = baseline_length
     result["followup_s"] = bc.rounded(timing.median("ours"))
     result["followup_baseline_s"] = bc.rounded(timing.median("baseline"))
@@ -269,6 +297,10 @@ def bench_chat(root: Path, args, shapes: dict, result: dict) -> None:
     result["cached_followup_cpu_time_ratio"] = bc.rounded(timing.ratio("ours", "baseline", cpu=True))
     result["followup_decode_5_images_ms"] = bc.rounded(decode_timing.median("decode") * 1000)
     result["followup_prepare_cached_ms"] = bc.rounded(prepare_timing.median("prepare") * 1000)
+    result["followup_prepare_baseline_ms"] = bc.rounded(prepare_timing.median("plain") * 1000)
+    overhead_s = prepare_timing.median("prepare") - prepare_timing.median("plain")
+    result["followup_overhead_ms"] = bc.rounded(overhead_s * 1000)
+    result["cached_followup_ratio_by_parts"] = bc.rounded(1 + overhead_s / timing.median("baseline"))
     bc.log(f"[follow-up] {json.dumps({k: v for k, v in result.items() if 'followup' in k})}")
 
 
