@@ -4,6 +4,7 @@ import base64
 import io
 import logging
 import struct
+import time
 import urllib.parse
 import warnings
 import zlib
@@ -338,4 +339,29 @@ def test_image_digest_of_a_large_image_hashes_every_piece():
         changed = pixels.copy()
         changed[y, x, 2] ^= 1
         assert image_digest(Image.fromarray(changed)) != image_digest(image)
+
+
+def test_run_parallel_keeps_order_and_waits_for_every_item_before_raising():
+    assert llava_image_io.run_parallel(lambda n: n * n, list(range(7))) == [n * n for n in range(7)]
+    assert llava_image_io.run_parallel(lambda n: n, []) == []
+    # The calling thread runs the first item; when it fails, the workers' items (which may write into
+    # the same buffers) still finish before the error reaches the caller, and a worker's error surfaces too.
+    finished = []
+
+    def work(item):
+        if item == 0:
+            raise ValueError("first item failed")
+        time.sleep(0.05)
+        finished.append(item)
+
+    with pytest.raises(ValueError, match="first item"):
+        llava_image_io.run_parallel(work, [0, 1, 2])
+    assert sorted(finished) == [1, 2]
+
+    def fail_in_worker(item):
+        if item == 2:
+            raise RuntimeError("worker item failed")
+
+    with pytest.raises(RuntimeError, match="worker item"):
+        llava_image_io.run_parallel(fail_in_worker, [0, 1, 2])
 

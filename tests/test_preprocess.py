@@ -2,7 +2,6 @@
 
 import logging
 import math
-import time
 
 import numpy as np
 import pytest
@@ -249,29 +248,6 @@ def test_self_check_catches_a_wrong_prefix(monkeypatch, caplog):
             assert not llava_preprocess._pass_split_verified()
     finally:
         llava_preprocess._pass_split_verified.cache_clear()
-
-
-def test_chunks_finish_before_an_error_propagates():
-    # The calling thread runs the first chunk itself; when it fails, the workers' chunks (which write into
-    # the same buffers) still finish before the error reaches the caller, and a worker's error surfaces too.
-    finished = []
-
-    def work(bounds):
-        if bounds[0] == 0:
-            raise ValueError("first chunk failed")
-        time.sleep(0.05)
-        finished.append(bounds)
-
-    with pytest.raises(ValueError, match="first chunk"):
-        llava_preprocess._run_chunks(work, [(0, 1), (1, 2), (2, 3)])
-    assert sorted(finished) == [(1, 2), (2, 3)]
-
-    def fail_in_worker(bounds):
-        if bounds[0] == 2:
-            raise RuntimeError("worker chunk failed")
-
-    with pytest.raises(RuntimeError, match="worker chunk"):
-        llava_preprocess._run_chunks(fail_in_worker, [(0, 1), (1, 2), (2, 3)])
 
 
 @pytest.mark.parametrize("threads", [1, 3])

@@ -42,7 +42,6 @@ transformers semantics (llava-formats.md §2.9, divergence D1).
 from __future__ import annotations
 
 import ast
-import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -51,14 +50,14 @@ import re
 import struct
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import PIL
 import torch
 from PIL import Image
 
-from llava_image_io import worker_pool, worker_threads
+from llava_image_io import run_parallel, worker_threads
 
 logger = logging.getLogger(__name__)
 
@@ -498,7 +497,7 @@ def _horizontal_then_vertical(source: _PaddedSource, out_w: int, out_h: int, kee
         intermediate.paste(band, (0, bounds[0] - base))  # chunks write disjoint rows
 
     if band1 > band0:
-        _run_chunks(horizontal, _split(band0, band1, (band1 - band0) * out_w))
+        run_parallel(horizontal, _split(band0, band1, (band1 - band0) * out_w))
     if not vertical:
         return np.asarray(intermediate)
     return _vertical(intermediate, out_h, keep_rows, resample)
@@ -518,7 +517,7 @@ def _vertical_then_horizontal(image: Image.Image, out_w: int, out_h: int, keep_r
         band = _horizontal(intermediate.crop((0, bounds[0], image.width, bounds[1])), out_w, keep_cols, resample)
         output.paste(band, (0, bounds[0]))
 
-    _run_chunks(horizontal, _split(0, strip.height, strip.height * out_w))
+    run_parallel(horizontal, _split(0, strip.height, strip.height * out_w))
     return np.asarray(output)
 
 
@@ -567,7 +566,7 @@ def _vertical(image: Image.Image, out_h: int, keep_rows: tuple[int, int], resamp
             resized = strip.resize((width, row1), resample, box=(0, 0, width, source_end))
         output[:, bounds[0]:bounds[1]] = np.asarray(resized)[row0:row1]
 
-    _run_chunks(vertical, _split(0, image.width, (row1 - row0) * image.width))
+    run_parallel(vertical, _split(0, image.width, (row1 - row0) * image.width))
     return output
 
 
@@ -607,20 +606,6 @@ def _split(first: int, last: int, work: int) -> list[tuple[int, int]]:
     count = max(1, min(worker_threads(), work // _MIN_PIXELS_PER_THREAD, last - first))
     edges = [first + (last - first) * i // count for i in range(count + 1)]
     return [(edges[i], edges[i + 1]) for i in range(count)]
-
-
-def _run_chunks(function: Callable[[tuple[int, int]], None], chunks: list[tuple[int, int]]) -> None:
-    if len(chunks) == 1:
-        function(chunks[0])
-        return
-    # The calling thread takes the first chunk itself rather than idling while it waits for the others.
-    futures = [worker_pool().submit(function, chunk) for chunk in chunks[1:]]
-    try:
-        function(chunks[0])
-    finally:
-        concurrent.futures.wait(futures)  # chunks write into shared buffers: never leave while one runs
-    for future in futures:
-        future.result()  # re-raises a worker's exception here
 
 
 def _pil_pass_order(in_w: int, in_h: int, out_w: int, out_h: int) -> str | None:
