@@ -182,22 +182,22 @@ def test_parallel_split_is_exact(monkeypatch, reference_processors):
                                reference(reference_processors[56, pad], image)), (size, pad)
 
 
-def test_exact_prefix_geometry():
+def test_pass_extent_geometry():
     # 1024×768 at 336 px: the crop keeps columns 56..392 of 448; the pass may stop after 392 at 896.0.
-    assert llava_preprocess._exact_prefix(1024, 448, 392) == 896.0
-    assert llava_preprocess._exact_prefix(6000, 504, 420) == 5000.0  # 3:2
-    assert llava_preprocess._exact_prefix(1920, 597, 466) is None  # 16:9: 466 * 1920 / 597 is no float32
-    assert llava_preprocess._exact_prefix(1000, 504, 420) is None  # 1000 * 5 / 6
-    assert llava_preprocess._exact_prefix(1024, 448, 448) is None  # nothing to skip
-    assert llava_preprocess._exact_prefix((1 << 25) + 1, 2, 1) is None  # half of it needs 25 bits
+    assert llava_preprocess._pass_extent(1024, 448, 392) == (392, 896.0)
+    assert llava_preprocess._pass_extent(6000, 504, 420) == (420, 5000.0)  # 3:2
+    assert llava_preprocess._pass_extent(1920, 597, 466) == (597, 1920.0)  # 16:9: 466 * 1920 / 597 is no float32
+    assert llava_preprocess._pass_extent(1000, 504, 420) == (504, 1000.0)  # 1000 * 5 / 6
+    assert llava_preprocess._pass_extent(1024, 448, 448) == (448, 1024.0)  # nothing to skip
+    assert llava_preprocess._pass_extent((1 << 25) + 1, 2, 1) == (2, (1 << 25) + 1)  # half of it needs 25 bits
 
 
 _CONVOLUTION_FILTERS = [Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS,
                         Image.Resampling.BOX, Image.Resampling.HAMMING]
 
 
-def test_exact_prefix_is_bit_identical_to_the_full_pass():
-    # The claim behind `_exact_prefix`, checked against PIL itself on geometries where it applies: the
+def test_pass_extent_is_bit_identical_to_the_full_pass():
+    # The claim behind `_pass_extent`, checked against PIL itself on geometries where it applies: the
     # first `count` outputs of resampling the box [0, end) equal those of the whole pass, in either
     # direction and with every convolution filter (up- and downscaling).
     rng = np.random.default_rng(11)
@@ -206,10 +206,11 @@ def test_exact_prefix_is_bit_identical_to_the_full_pass():
         out_size = int(rng.integers(2, 200))
         in_size = int(out_size * rng.choice([2, 16 / 7, 7 / 4, 3 / 2, 5 / 8, 4 / 3, 9 / 16, 1.25]) + rng.integers(0, 3))
         count = int(rng.integers(1, out_size))
-        end = llava_preprocess._exact_prefix(max(in_size, 1), out_size, count)
-        if end is None:
-            continue
         in_size = max(in_size, 1)
+        outputs, end = llava_preprocess._pass_extent(in_size, out_size, count)
+        if outputs == out_size:
+            continue
+        assert outputs == count
         image = noise_image(in_size, 7, seed=checked)
         resample = _CONVOLUTION_FILTERS[checked % len(_CONVOLUTION_FILTERS)]
         full = np.asarray(image.resize((out_size, 7), resample))[:, :count]
@@ -223,7 +224,7 @@ def test_exact_prefix_is_bit_identical_to_the_full_pass():
     assert checked >= 200
 
 
-def test_photo_shapes_take_the_exact_prefix(monkeypatch, reference_processors):
+def test_photo_shapes_stop_the_pass_after_the_crop(monkeypatch, reference_processors):
     # 4:3 landscape and portrait photos at 336 px skip the resize outputs after the crop, and stay exact.
     boxes = []
     resize = Image.Image.resize
@@ -241,7 +242,8 @@ def test_photo_shapes_take_the_exact_prefix(monkeypatch, reference_processors):
 
 
 def test_self_check_catches_a_wrong_prefix(monkeypatch, caplog):
-    monkeypatch.setattr(llava_preprocess, "_exact_prefix", lambda in_size, out_size, count: count * in_size / out_size + 0.5)
+    monkeypatch.setattr(llava_preprocess, "_pass_extent",
+                        lambda in_size, out_size, needed: (needed, needed * in_size / out_size + 0.5))
     llava_preprocess._pass_split_verified.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="llava_preprocess"):

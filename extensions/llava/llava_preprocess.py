@@ -30,7 +30,7 @@ How this module is faster without changing a bit:
   or columns, and in parallel threads (PIL releases the GIL while resampling; the calling thread takes a
   share). Only the rows or columns the crop keeps are resampled by the second pass and read by the first;
   a pass also stops after the last output the crop keeps where PIL provably places the samples the same
-  (`_exact_prefix`: 4:3 photos, most 3:2 ones), and the uniform background rows of a padded landscape
+  (`_pass_extent`: 4:3 photos, most 3:2 ones), and the uniform background rows of a padded landscape
   image are resampled once. A one-time self-check (`_pass_split_verified`) falls back to plain
   `Image.resize` if this Pillow behaves otherwise, and the tests compare every path with the reference
   processors using ``torch.equal``.
@@ -541,10 +541,9 @@ def _horizontal(band: Image.Image, out_w: int, keep_cols: tuple[int, int], resam
     height = band.height
     if band.width == out_w:
         resized = band
-    elif (source_end := _exact_prefix(band.width, out_w, col1)) is not None:  # skip the columns after col1
-        resized = band.resize((col1, height), resample, box=(0, 0, source_end, height))
     else:
-        resized = band.resize((out_w, height), resample)
+        outputs, source_end = _pass_extent(band.width, out_w, col1)
+        resized = band.resize((outputs, height), resample, box=(0, 0, source_end, height))
     return resized if keep_cols == (0, resized.width) else resized.crop((col0, 0, col1, height))
 
 
@@ -554,16 +553,13 @@ def _vertical(image: Image.Image, out_h: int, keep_rows: tuple[int, int], resamp
     row0, row1 = keep_rows
     if image.height == out_h:
         return np.asarray(image)[row0:row1]
-    source_end = _exact_prefix(image.height, out_h, row1)  # if not None, skip the rows after row1
+    outputs, source_end = _pass_extent(image.height, out_h, row1)
     output = np.empty((row1 - row0, image.width, 3), dtype=np.uint8)
 
     def vertical(bounds: tuple[int, int]) -> None:
         strip = image.crop((bounds[0], 0, bounds[1], image.height))
         width = bounds[1] - bounds[0]
-        if source_end is None:
-            resized = strip.resize((width, out_h), resample)
-        else:
-            resized = strip.resize((width, row1), resample, box=(0, 0, width, source_end))
+        resized = strip.resize((width, outputs), resample, box=(0, 0, width, source_end))
         output[:, bounds[0]:bounds[1]] = np.asarray(resized)[row0:row1]
 
     run_parallel(vertical, _split(0, image.width, (row1 - row0) * image.width))
@@ -571,26 +567,28 @@ def _vertical(image: Image.Image, out_h: int, keep_rows: tuple[int, int], resamp
 
 
 @functools.lru_cache(maxsize=256)
-def _exact_prefix(in_size: int, out_size: int, count: int) -> float | None:
-    """Where a 1-D PIL resampling pass of ``in_size`` inputs to ``out_size`` outputs may stop reading so
-    that resampling inputs ``[0, end)`` to ``count`` outputs (``resize(box=...)``) gives, bit for bit, its
-    first ``count`` outputs: ``end``, or None when that cannot be certain (then all outputs are computed).
+def _pass_extent(in_size: int, out_size: int, needed: int) -> tuple[int, float]:
+    """How much of a 1-D PIL resampling pass of ``in_size`` inputs to ``out_size`` outputs to run when only
+    its first ``needed`` outputs are used: ``(outputs, end)`` for ``resize`` to ``outputs`` with the box
+    ``[0, end)``. ``(needed, needed * in_size / out_size)`` where that gives, bit for bit, the full pass's
+    first ``needed`` outputs; else the whole pass, ``(out_size, in_size)``.
 
     PIL (``precompute_coeffs`` in libImaging/Resample.c) centres output ``i`` at ``in0 + (i + 0.5) * scale``
     with ``scale = (double)(in1 - in0) / outputs`` and the box edges ``in0``, ``in1`` single-precision
     floats; each output's input bounds, kernel weights, their sum and its fixed-point coefficients are
     functions of that centre, ``scale`` and ``in_size`` alone. With ``in0 = 0`` the centres are the full
-    pass's whenever the scale is the same double: when ``end = count * in_size / out_size`` is exactly a
+    pass's whenever the scale is the same double: when ``end = needed * in_size / out_size`` is exactly a
     float32 (a 1024×768 photo at 336 px: 392 of 448 columns, ``end`` 896.0; 4:3 photos in general, most 3:2
     ones, not 16:9 ones). A box that starts past 0 could round the centres differently, so the columns
     before the crop are always computed.
     """
-    if not 0 < count < out_size:
-        return None
-    end = Fraction(count * in_size, out_size)
-    if not _is_float32(end) or float(end) / count != in_size / out_size:
-        return None
-    return float(end)
+    whole_pass = out_size, float(in_size)
+    if not 0 < needed < out_size:
+        return whole_pass
+    end = Fraction(needed * in_size, out_size)
+    if not _is_float32(end) or float(end) / needed != in_size / out_size:
+        return whole_pass
+    return needed, float(end)
 
 
 def _is_float32(value: Fraction) -> bool:
@@ -638,16 +636,16 @@ def _pillow_version() -> tuple[int, int] | None:
 def _pass_split_verified() -> bool:
     """One-time self-check (a few ms, tiny images): does the pass split reproduce this Pillow bit for bit?
 
-    Covers both pass orders, up- and downscaling, padding, cropping and passes cut short at an exact prefix. On any difference (a Pillow
-    build that resamples differently from what `_pil_pass_order` expects) we fall back to plain
-    `Image.resize` calls for the life of the process.
+    Covers both pass orders, up- and downscaling, padding, cropping and passes stopped after the kept
+    outputs. On any difference (a Pillow build that resamples differently from what `_pil_pass_order`
+    and `_pass_extent` expect) we fall back to plain `Image.resize` calls for the life of the process.
     """
     rng = np.random.default_rng(0)
     cases = [  # (image w, h), (out w, h), pad background or None
         ((61, 23), (29, 11), None), ((23, 61), (11, 29), None), ((9, 67), (4, 30), None),
         ((3, 310), (2, 100), None), ((17, 13), (40, 31), None), ((31, 20), (13, 13), (122, 116, 104)),
         ((20, 31), (13, 13), (122, 116, 104)),
-        ((64, 48), (32, 24), None),  # both passes stop at an exact prefix (`_exact_prefix`)
+        ((64, 48), (32, 24), None),  # both passes stop after the kept outputs (`_pass_extent`)
     ]
     for (width, height), out_size, background in cases:
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
