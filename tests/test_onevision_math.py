@@ -23,8 +23,9 @@ SIZES = [
     (1, 1),
     (120, 50),  # 2x1, rows unpadded
     (50, 120),  # 1x2, columns unpadded
-    (200, 90),  # wide grid, downscaled
+    (200, 90),  # 4x2 grid, rows unpadded, 8x16 map kept
     (90, 200),
+    (300, 200),  # 5x4 grid, rows unpadded, 14x20 map downscaled to 10x14
     (300, 300),  # 5x5 grid: downscaled square
     (97, 262),  # 2x5 grid, 20x8 map: ratio 1.05, above 1 but not above 1.1, so kept as it is
     (333, 1000),

@@ -14,6 +14,7 @@ last, fill the ``<|IMG_PATCH|>`` positions in order.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from llava_checkpoint import CheckpointError, LlavaSpec, WeightFiles
+from llava_plan import ImagePlan, PlanContext, read_processor_settings
+from llava_prompt import SlotLayout, TokenRun
 
-class AyaConfigError(ValueError):
+
+class AyaConfigError(CheckpointError):
     """An Aya Vision config this module cannot follow, with what was found."""
 
 
@@ -134,6 +139,17 @@ class AyaProjector(nn.Module):
     def out_features(self) -> int:
         return self.linear_2.out_features
 
+    @classmethod
+    def load(cls, spec: LlavaSpec, weights: WeightFiles, *, tower: nn.Module, lm_hidden_size: int) -> "AyaProjector":
+        """The checkpoint's ``multi_modal_projector`` on the CPU in float32, widths checked at load."""
+        import llava_vision
+
+        tensors = llava_vision.read_hf_projector_tensors(weights, probe="layernorm.weight")
+        config = spec.raw_config
+        return projector_from_tensors(tensors, tower_width=tower.feature_size,
+                                      downsample=int(config.get("downsample_factor", 2)),
+                                      eps=float(config.get("adapter_layer_norm_eps", 1e-6)), lm_hidden_size=lm_hidden_size)
+
     def pixel_shuffle(self, features: torch.Tensor) -> torch.Tensor:
         """``[B, S*S, C]`` -> ``[B, S/d, S/d, C*d²]``, in transformers' order of reshapes and permutes (the
         grid is read column-major there; the layout of the rows follows from exactly these steps)."""
@@ -150,7 +166,9 @@ class AyaProjector(nn.Module):
         features = features.reshape(batch, side // d, side // d, -1)
         return features.permute(0, 2, 1, 3)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """``[B, S*S, C]`` -> ``[B, (S/d)², H_lm]`` (``grid``, the patch rows and columns, is implied: the
+        reference takes the square root of the row count)."""
         hidden = self.linear_1(self.layernorm(self.pixel_shuffle(features)))
         x, gate = hidden.chunk(2, dim=-1)
         hidden = self.linear_2(nn.functional.silu(gate) * x)
@@ -182,3 +200,78 @@ def projector_from_tensors(tensors: dict[str, torch.Tensor], *, tower_width: int
     projector = projector.to_empty(device="cpu")
     projector.load_state_dict({key: tensors[key] for key in required}, strict=True)
     return projector
+
+
+class AyaPlan(ImagePlan):
+    """The image plan of an Aya Vision checkpoint: GotOcr2 tiles plus thumbnail, each tile's
+    ``tokens_per_tile`` rows in order, the slot spelled as :meth:`AyaLayout.expansion`."""
+
+    fixed_tokens = False
+
+    def __init__(self, spec: LlavaSpec, layout: AyaLayout, preprocessor: AyaPreprocessor,
+                 label_ids: dict[str, tuple[int, ...]]):
+        super().__init__(spec)
+        self.aya_layout = layout
+        self.preprocessor = preprocessor
+        self.label_ids = label_ids
+
+    @classmethod
+    def from_checkpoint(cls, context: PlanContext) -> "AyaPlan":
+        spec, tower = context.spec, context.tower
+        folder = Path(spec.model_dir)
+        processor_file = folder / "processor_config.json"
+        processor = json.loads(processor_file.read_text(encoding="utf-8")) if processor_file.is_file() else {}
+        layout = AyaLayout.from_processor_configs(processor, read_processor_settings(folder))
+        downsample = int(spec.raw_config.get("downsample_factor", 2))
+        side = tower.image_size // tower.patch_size
+        if layout.tile != tower.image_size or (side // downsample) ** 2 != layout.tokens_per_tile:
+            raise AyaConfigError(
+                f"{folder}: the processor lays out {layout.tokens_per_tile} tokens per {layout.tile} px tile, the "
+                f"vision tower and projector give ({side} // {downsample})² per {tower.image_size} px tile")
+        return cls(spec, layout, AyaPreprocessor(folder, layout), _label_ids(folder, layout))
+
+    def preprocess(self, images):
+        return [self.preprocessor(image) for image in images]
+
+    def pack(self, projected, image_size):
+        expected = self.aya_layout.num_tiles(image_size)
+        if projected.shape[0] != expected:
+            raise ValueError(f"expected {expected} tiles for a {image_size[0]}x{image_size[1]} image, "
+                             f"got {projected.shape[0]}")
+        return projected.reshape(-1, projected.shape[-1])  # tiles in order, the thumbnail last
+
+    def layout(self, image_size):
+        layout, per_tile = self.aya_layout, self.aya_layout.tokens_per_tile
+        tiles = layout.num_tiles(image_size)
+        runs = [TokenRun(layout.start_of_image, 1)]
+        for label in [f"{layout.tile_token}_{index}" for index in range(1, tiles)] + [layout.tile_global_token]:
+            runs += [TokenRun(label, 1, ids=self.label_ids[label]), TokenRun(layout.image_token, per_tile, image=True)]
+        runs.append(TokenRun(layout.end_of_image, 1))
+        return SlotLayout(tuple(runs))
+
+    @property
+    def nominal_size(self):
+        return self.aya_layout.tile, self.aya_layout.tile
+
+    def describe(self) -> str:
+        per_tile = self.aya_layout.tokens_per_tile
+        return (f"{per_tile} tokens per tile, 1 to {self.aya_layout.max_tiles} tiles (+ thumbnail) per image: "
+                f"{per_tile}-{per_tile * (self.aya_layout.max_tiles + 1)} tokens")
+
+
+def _label_ids(folder: Path, layout: AyaLayout) -> dict[str, tuple[int, ...]]:
+    """Ids of every tile label (``TILE_1`` .. ``TILE_{max}``, ``TILE_GLOBAL``) under the checkpoint's own
+    tokenizer. The labels are ordinary text that the processor writes between added tokens, so each is
+    tokenized on its own; the prompt tokenization checks they come out the same in place."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure: the plan cannot spell its images
+        raise AyaConfigError(f"cannot load the tokenizer of {folder} to spell Aya Vision's tile labels: {exc}") from exc
+    labels = [f"{layout.tile_token}_{index}" for index in range(1, layout.max_tiles + 1)] + [layout.tile_global_token]
+    ids = {label: tuple(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels}
+    empty = [label for label, label_ids in ids.items() if not label_ids]
+    if empty:
+        raise AyaConfigError(f"the tokenizer of {folder} turns the tile label(s) {empty} into no tokens")
+    return ids

@@ -158,7 +158,10 @@ def _read_hf_spec(model_dir: Path, config: dict) -> LlavaSpec:
     family = llava_family.family_for_config(config)
     text_config = config.get("text_config") or {}
     if family.cls_rule == "strategy":
-        strategy = config.get("vision_feature_select_strategy", "default")
+        # An omitted strategy takes the family config class's default ("default" for Llava, "full" for
+        # LlavaOnevision and AyaVision), as the reference reads it.
+        strategy = config.get("vision_feature_select_strategy") or _config_class_default(
+            family.config_class, "vision_feature_select_strategy", "default")
         if strategy not in ("default", "full"):
             raise CheckpointError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
         keep_cls = strategy == "full"
@@ -413,6 +416,7 @@ def text_config_for(model_dir: str | os.PathLike, raw_config: dict | None = None
             text["tie_word_embeddings"] = raw["tie_word_embeddings"]
         elif "tie_word_embeddings" not in text:
             text["tie_word_embeddings"] = _config_class_default(family.config_class, "tie_word_embeddings", False)
+        text.update(family.text_overrides)
         return AutoConfig.for_model(model_type, **text)
     if fmt in ("v0", "v1"):
         model_type = ORIGINAL_TEXT_MODEL_TYPES.get(raw.get("model_type"), raw.get("model_type", "llama"))

@@ -46,7 +46,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import llava_aya
 import llava_next
+import llava_onevision
 import llava_plan
 import llava_vision
 from llava_checkpoint import CheckpointError, LlavaSpec
@@ -103,6 +105,9 @@ class Family:
     #: same message (``"<image>\n"`` for llava-hf templates, nothing after Pixtral's ``[IMG]``).
     image_text_separator: str = "\n"
     config_fields: Callable[[dict], dict] = field(default=lambda config: {})
+    #: Text-config fields the language model loaded alone must take so that its logits are the reference's
+    #: (Aya Vision: ``Cohere2ForCausalLM`` multiplies by ``logit_scale``, the reference's ``lm_head`` does not).
+    text_overrides: dict = field(default_factory=dict)
 
     def tower_class(self, vision_type: str | None) -> type:
         """The tower class for a vision ``model_type`` (unknown types get :class:`llava_vision.VisionTower`,
@@ -185,4 +190,20 @@ register(Family(
     name="llava_next", model_type="llava_next", vision_types=("clip_vision_model", "siglip_vision_model"),
     reference_class="LlavaNextForConditionalGeneration", config_class="LlavaNextConfig",
     plan=llava_next.AnyresPlan.from_checkpoint, config_fields=_llava_next_fields,
+))
+register(Family(
+    name="llava_onevision", model_type="llava_onevision", vision_types=("siglip_vision_model", "clip_vision_model"),
+    reference_class="LlavaOnevisionForConditionalGeneration", config_class="LlavaOnevisionConfig",
+    plan=llava_onevision.OnevisionPlan.from_checkpoint, text_model_type="qwen2", default_feature_layer=-1,
+    config_fields=llava_onevision.config_fields,
+))
+register(Family(
+    name="aya_vision", model_type="aya_vision", vision_types=("siglip_vision_model",),
+    reference_class="AyaVisionForConditionalGeneration", config_class="AyaVisionConfig",
+    plan=llava_aya.AyaPlan.from_checkpoint, projector=llava_aya.AyaProjector, projector_kind="aya",
+    text_model_type="cohere2", default_feature_layer=-1,
+    # The chat template writes "<image>" straight before the text of the message.
+    image_text_separator="",
+    # 1.0 makes Cohere2ForCausalLM's `logits * logit_scale` the reference head's logits, bit for bit.
+    text_overrides={"logit_scale": 1.0},
 ))

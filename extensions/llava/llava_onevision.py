@@ -16,17 +16,20 @@ prompt holds.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llava_checkpoint import CheckpointError
 from llava_next import unpadded_size
+from llava_plan import ImagePlan, PlanContext, read_image_newline
 from llava_preprocess import anyres_resolution, parse_grid_pinpoints
 
 
-class OnevisionConfigError(ValueError):
+class OnevisionConfigError(CheckpointError):
     """A OneVision config value this module cannot follow, with what was found."""
 
 
@@ -170,3 +173,79 @@ class OnevisionPreprocessor:
         # `images_in_prompt` images (tiled only when alone), exactly as the processor would in that batch.
         output = BaseImageProcessor.preprocess(self._processor, [image], [1 if images_in_prompt == 1 else 2])
         return torch.from_numpy(np.ascontiguousarray(output["pixel_values"][0]))
+
+
+class OnevisionPlan(ImagePlan):
+    """The image plan of a LLaVA-OneVision checkpoint, for prompts holding ``images_in_prompt`` images:
+    :meth:`for_prompt` gives the variant for another count (tiled when alone, one tile otherwise)."""
+
+    fixed_tokens = False
+
+    def __init__(self, spec, geometry: OnevisionGeometry, preprocessor: OnevisionPreprocessor, image_newline,
+                 images_in_prompt: int = 1):
+        super().__init__(spec)
+        self.geometry = geometry
+        self.preprocessor = preprocessor
+        self.image_newline = image_newline
+        self.images_in_prompt = images_in_prompt
+        self.cache_tag = "tiled" if geometry.tiled(images_in_prompt) else "one tile"
+
+    @classmethod
+    def from_checkpoint(cls, context: PlanContext) -> "OnevisionPlan":
+        spec, tower = context.spec, context.tower
+        geometry = OnevisionGeometry.from_config(spec.raw_config, tile=tower.image_size, patch=tower.patch_size,
+                                                 base_tokens=tower.tokens_per_image)
+        preprocessor = OnevisionPreprocessor(spec.model_dir)
+        # The processor counts and tiles with its own settings, the model packs with its config's: the
+        # reference itself fails on a checkpoint where they disagree, so refuse it at load.
+        if tuple(map(tuple, preprocessor.grid_pinpoints)) != geometry.grid_pinpoints:
+            raise OnevisionConfigError(f"{spec.model_dir}: the image processor's image_grid_pinpoints differ from "
+                                       "config.json's; the checkpoint is inconsistent")
+        if preprocessor.tile_size != (geometry.tile, geometry.tile):
+            raise OnevisionConfigError(f"{spec.model_dir}: the image processor makes {preprocessor.tile_size} tiles, "
+                                       f"the vision tower takes {geometry.tile}x{geometry.tile}")
+        processor_file = Path(spec.model_dir) / "processor_config.json"
+        declared = json.loads(processor_file.read_text()).get("num_image_tokens") if processor_file.is_file() else None
+        if declared is not None and declared != geometry.base_tokens:
+            raise OnevisionConfigError(f"{spec.model_dir}: processor_config.json counts {declared} tokens per tile, "
+                                       f"the vision tower gives {geometry.base_tokens}")
+        return cls(spec, geometry, preprocessor, read_image_newline(spec, context.projector))
+
+    def for_prompt(self, image_count: int) -> "OnevisionPlan":
+        if self.geometry.tiled(image_count) == self.geometry.tiled(self.images_in_prompt):
+            return self
+        return OnevisionPlan(self.spec, self.geometry, self.preprocessor, self.image_newline, image_count)
+
+    def preprocess(self, images):
+        return [self.preprocessor(image, images_in_prompt=self.images_in_prompt) for image in images]
+
+    def pack(self, projected, image_size):
+        return pack_features(projected, image_size, self.images_in_prompt, self.geometry, self.image_newline)
+
+    def layout(self, image_size):
+        return self.image_slot(self.geometry.tokens(image_size, self.images_in_prompt))
+
+    @property
+    def nominal_size(self):
+        return self.geometry.tile, self.geometry.tile
+
+    def describe(self) -> str:
+        return (f"anyres_max_{self.geometry.max_tiles}, {self.geometry.base_tokens}+ tokens per image alone in its "
+                f"prompt, {self.geometry.base_tokens + 1} each with several")
+
+
+def config_fields(config: dict) -> dict:
+    """``LlavaSpec`` fields of a ``llava_onevision`` config, refusing what the reference cannot run."""
+    max_tiles_of(config.get("vision_aspect_ratio", "anyres_max_9"))
+    strategy = config.get("vision_feature_select_strategy") or "full"
+    vision_type = (config.get("vision_config") or {}).get("model_type", "siglip_vision_model")
+    if strategy == "default" and vision_type == "siglip_vision_model":
+        raise OnevisionConfigError(
+            "vision_feature_select_strategy 'default' drops a CLS row, which a SigLIP tower does not have; "
+            "transformers cannot tile such a checkpoint either (expected 'full')")
+    pinpoints = config.get("image_grid_pinpoints")
+    try:
+        parsed = parse_grid_pinpoints(pinpoints) if pinpoints is not None else ()
+    except ValueError as exc:
+        raise OnevisionConfigError(str(exc)) from exc
+    return {"anyres": True, "patch_merge_type": "spatial_unpad", "grid_pinpoints": parsed}

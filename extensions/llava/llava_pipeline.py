@@ -217,13 +217,15 @@ class LlavaPipeline:
         ``<im_start>`` / ``<im_end>``, Pixtral's ``[IMG_BREAK]`` / ``[IMG_END]``)."""
         return self.layout(image_size).positions
 
-    def layout(self, image_size: tuple[int, int] | None) -> SlotLayout:
-        """The token layout of an image of ``(width, height)``, from its size alone."""
+    def layout(self, image_size: tuple[int, int] | None, *, images_in_prompt: int = 1) -> SlotLayout:
+        """The token layout of an image of ``(width, height)`` in a prompt holding ``images_in_prompt``
+        images, from its size alone."""
+        plan = self.plan.for_prompt(images_in_prompt)
         if image_size is None:
-            if not self.plan.fixed_tokens:
+            if not plan.fixed_tokens:
                 raise ValueError(f"{self.family.name} token counts depend on the image size")
-            image_size = self.plan.nominal_size
-        return self.plan.layout(image_size)
+            image_size = plan.nominal_size
+        return plan.layout(image_size)
 
     # ------------------------------------------------------------------------------------------ images
 
@@ -234,9 +236,11 @@ class LlavaPipeline:
         )
 
     @torch.no_grad()
-    def encode_images(self, images: Sequence[Any], should_stop=None, keys: Sequence[Any] | None = None) -> list[torch.Tensor]:
+    def encode_images(self, images: Sequence[Any], should_stop=None, keys: Sequence[Any] | None = None,
+                      *, images_in_prompt: int = 1) -> list[torch.Tensor]:
         """RGB PIL images -> one ``[image_tokens(size), H_lm]`` tensor each, in the projector's dtype: on
-        the CPU when cached, on the projector's device when encoded by this call.
+        the CPU when cached, on the projector's device when encoded by this call. ``images_in_prompt``:
+        how many images the prompt they belong to holds (LLaVA-OneVision tiles only an image alone).
 
         Images seen before come from the cache; the tower runs once, batched, for the rest. ``keys``, if
         given, are the cache keys (e.g. a hash of the encoded file), and ``images`` may then be zero-arg
@@ -245,10 +249,11 @@ class LlavaPipeline:
         ``should_stop()`` is polled before the tower runs; True raises :class:`EncodingCancelled`.
         """
         started = time.perf_counter()
+        plan = self.plan.for_prompt(images_in_prompt)
         if keys is None:
-            keys = [("pixels", llava_image_io.image_digest(image)) for image in images]
+            keys = [("pixels", llava_image_io.image_digest(image), plan.cache_tag) for image in images]
         else:
-            keys = [("given", key) for key in keys]
+            keys = [("given", key, plan.cache_tag) for key in keys]
         results: list[torch.Tensor | None] = [self.cache.get(key) for key in keys]
         missing = [i for i, r in enumerate(results) if r is None]
         if missing and should_stop is not None and should_stop():
@@ -261,7 +266,7 @@ class LlavaPipeline:
             raise EncodingCancelled("image encoding was stopped")
         if missing:
             fresh = [images[i] for i in missing]
-            for index, embedding in zip(missing, self._encode_fresh(fresh)):
+            for index, embedding in zip(missing, self._encode_fresh(fresh, plan)):
                 results[index] = self._cache_fresh(keys[index], embedding)
         logger.info(
             "Encoded %d image(s) (%d from cache) in %.1f ms",
@@ -269,10 +274,10 @@ class LlavaPipeline:
         )
         return results  # type: ignore[return-value]
 
-    def _encode_fresh(self, images: Sequence[Any]) -> list[torch.Tensor]:
+    def _encode_fresh(self, images: Sequence[Any], plan: ImagePlan) -> list[torch.Tensor]:
         """RGB images -> their ``[N_i, H_lm]`` rows: the plan's pixels, the tower and projector once per
         pixel shape (all tiles of all images together when the shapes are fixed), the plan's packing."""
-        pixels = self.plan.preprocess(images)
+        pixels = plan.preprocess(images)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for index, tiles in enumerate(pixels):
             by_shape.setdefault(tuple(tiles.shape[1:]), []).append(index)
@@ -284,7 +289,7 @@ class LlavaPipeline:
             for index in members:
                 projected[index] = features[offset:offset + pixels[index].shape[0]]
                 offset += pixels[index].shape[0]
-        return [self.plan.pack(rows, image.size) for rows, image in zip(projected, images)]
+        return [plan.pack(rows, image.size) for rows, image in zip(projected, images)]
 
     def _cache_fresh(self, key, embedding: torch.Tensor) -> torch.Tensor:
         """Store a CPU copy of a new ``[N, H]`` embedding; return the tensor this request splices.
@@ -335,7 +340,8 @@ class LlavaPipeline:
     def tokenize(
         self, parts: Sequence[Part], tokenizer, *, add_bos: bool, image_sizes: Sequence[tuple[int, int]] | None = None
     ) -> TokenizedPrompt:
-        """Token ids for ``parts``, image ``i`` laid out as ``layout(image_sizes[i])`` (its family's slot).
+        """Token ids for ``parts``, image ``i`` laid out as ``layout(image_sizes[i])`` (its family's slot, for
+        a prompt holding as many images as ``parts`` has slots).
 
         v1 (original): the text between images is tokenized chunk by chunk, like LLaVA's
         ``tokenizer_image_token`` (llava/mm_utils.py). v0 and the transformers layout: the prompt is
@@ -344,12 +350,14 @@ class LlavaPipeline:
         becomes an image.
         """
         bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
-        if not self.plan.fixed_tokens and image_sizes is None:
+        count = images_in(parts)
+        if not self.plan.for_prompt(count).fixed_tokens and image_sizes is None:
             raise ValueError(f"{self.family.name} prompts need the image sizes to count image tokens")
         layouts = {}
         for part in parts:
             if isinstance(part, ImageRef):
-                layouts[part.index] = self.layout(image_sizes[part.index] if image_sizes is not None else None)
+                size = image_sizes[part.index] if image_sizes is not None else None
+                layouts[part.index] = self.layout(size, images_in_prompt=count)
         if self.spec.tokenization == "chunks":
             return self._tokenize_chunks(parts, tokenizer, bos, {i: l.feature_rows for i, l in layouts.items()})
         return self._tokenize_inline(parts, tokenizer, bos, layouts)
@@ -382,7 +390,9 @@ class LlavaPipeline:
 
         Spelling a run once instead of ``count`` times gives the same ids: the runs are single added
         tokens, which the tokenizer splits off before anything else, and the check below refuses a
-        tokenizer that does not. The positions of the image runs become the image's span.
+        tokenizer that does not. A run of ordinary text (``TokenRun.ids``: Aya's ``TILE_1``, always
+        between added tokens) must tokenize to those ids in place, checked the same way. The positions of
+        the image runs become the image's span.
         """
         run_ids: dict[tuple[str, bool], int] = {}
 
@@ -393,14 +403,15 @@ class LlavaPipeline:
                 run_ids[(text, image)] = known if known is not None else _single_token_id(tokenizer, text)
             return run_ids[(text, image)]
 
-        text, slots = "", []  # slots: (char_start, char_end, image_index, expected ids, layout)
+        text, slots = "", []  # slots: (char_start, char_end, image_index, expected ids, runs, ids per run)
         for part in parts:
             if isinstance(part, ImageRef):
                 layout = layouts[part.index]
                 runs = [run for run in layout.runs if run.count]
                 slot_text = "".join(run.text for run in runs)
-                expected = [run_id(run.text, run.image) for run in runs]
-                slots.append((len(text), len(text) + len(slot_text), part.index, expected, runs))
+                per_run = [list(run.ids) if run.ids is not None else [run_id(run.text, run.image)] for run in runs]
+                expected = [token for run_tokens in per_run for token in run_tokens]
+                slots.append((len(text), len(text) + len(slot_text), part.index, expected, runs, per_run))
                 text += slot_text
             else:
                 text += part
@@ -408,7 +419,7 @@ class LlavaPipeline:
         token_ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
         ids, spans = list(bos), []
         position = 0
-        for char_start, char_end, image_index, expected, runs in slots:
+        for char_start, char_end, image_index, expected, runs, per_run in slots:
             while position < len(token_ids) and offsets[position][0] < char_start:
                 ids.append(token_ids[position])
                 position += 1
@@ -425,8 +436,8 @@ class LlavaPipeline:
             if length:
                 single_run = feature_runs == ((0, length),)
                 spans.append(ImageSpan(len(ids) + first, length, image_index, None if single_run else feature_runs))
-            for run, run_token in zip(runs, expected):
-                ids.extend([run_token] * run.count)
+            for run, run_tokens in zip(runs, per_run):
+                ids.extend(run_tokens * run.count)
         ids.extend(token_ids[position:])
         return TokenizedPrompt(ids, spans)
 
@@ -485,7 +496,11 @@ class LlavaPipeline:
     ) -> PreparedInputs:
         """Tokenize ``parts``, drop whole images that do not fit ``max_length`` (from the left), encode the
         images that remain and splice them in. ``images[i]`` is the RGB image of ``ImageRef(i)`` (or, with
-        ``image_sizes`` and ``keys``, a callable returning it; see :meth:`encode_images`)."""
+        ``image_sizes`` and ``keys``, a callable returning it; see :meth:`encode_images`).
+
+        The images that remain keep the layout they have in the whole prompt: a LLaVA-OneVision image that
+        shared its prompt with others stays untiled when truncation drops the others (its layout was
+        counted, and the context budgeted, for the prompt as given)."""
         refs = sorted({p.index for p in parts if isinstance(p, ImageRef)})
         if refs != list(range(len(images))):
             raise LlavaInputError(
@@ -498,9 +513,15 @@ class LlavaPipeline:
             prompt = truncate_left(prompt, max_length)
         used = [span.image_index for span in prompt.image_spans]
         used_keys = [keys[i] for i in used] if keys is not None else None
-        features = self.encode_images([images[i] for i in used], should_stop, used_keys) if used else []
+        features = (self.encode_images([images[i] for i in used], should_stop, used_keys, images_in_prompt=images_in(parts))
+                    if used else [])
         input_ids, inputs_embeds = self.embed(prompt, features, embed_tokens)
         return PreparedInputs(input_ids, inputs_embeds, prompt, len(used), list(prompt.dropped_images))
+
+
+def images_in(parts: Sequence[Part]) -> int:
+    """How many image slots a prompt's parts hold."""
+    return sum(isinstance(part, ImageRef) for part in parts)
 
 
 def _single_token_id(tokenizer, text: str) -> int:

@@ -56,6 +56,9 @@ class ImagePlan:
     fixed_pixels: bool = True
     #: True when ``layout`` does not depend on the image size (LLaVA-1.5: 576 for every image).
     fixed_tokens: bool = True
+    #: Tells apart the embeddings of one image made by different variants of a plan (``for_prompt``), in
+    #: the embedding cache's keys.
+    cache_tag: Any = None
 
     def __init__(self, spec: LlavaSpec):
         self.spec = spec
@@ -79,6 +82,12 @@ class ImagePlan:
         """The slot of an image of ``(width, height)``; ``layout(size).feature_rows`` equals the rows
         ``pack`` returns for that image."""
         raise NotImplementedError
+
+    def for_prompt(self, image_count: int) -> "ImagePlan":
+        """The plan for the images of one prompt holding ``image_count`` images. An image's pixels,
+        packing and layout depend on its neighbours only in LLaVA-OneVision (an image is tiled only when
+        it is alone); every other plan returns itself."""
+        return self
 
     @property
     def nominal_size(self) -> tuple[int, int]:

@@ -60,15 +60,28 @@ class ImageSpan:
 class TokenRun:
     """``count`` copies of one token, spelled ``text`` (e.g. ``"[IMG]"`` x 32). ``image`` runs are the
     positions that receive the image's feature rows; the others are ordinary tokens of the image's slot
-    (``[IMG_BREAK]``, ``<im_start>``), embedded from the vocabulary like any text."""
+    (``[IMG_BREAK]``, ``<im_start>``), embedded from the vocabulary like any text.
+
+    ``ids``: for a non-image ``text`` that is ordinary text of several tokens rather than one token
+    (Aya Vision's tile labels ``TILE_1``, between special tokens), the ids it tokenizes to there; each copy
+    then takes ``len(ids)`` positions. None: ``text`` is a single token.
+    """
 
     text: str
     count: int
     image: bool = False
+    ids: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.count < 0:
             raise ValueError(f"a token run cannot repeat {self.count} times")
+        if self.ids is not None and (self.image or not self.ids):
+            raise ValueError("only a non-image run can be spelled as several ids, and it needs at least one")
+
+    @property
+    def positions(self) -> int:
+        """Prompt positions the run takes."""
+        return self.count * (len(self.ids) if self.ids is not None else 1)
 
 
 @dataclass(frozen=True)
@@ -92,7 +105,7 @@ class SlotLayout:
     @property
     def positions(self) -> int:
         """Prompt positions of the whole slot."""
-        return sum(run.count for run in self.runs)
+        return sum(run.positions for run in self.runs)
 
     @property
     def feature_rows(self) -> int:
@@ -111,7 +124,7 @@ class SlotLayout:
         for run in self.runs:
             if run.image and run.count:
                 runs.append((offset, run.count))
-            offset += run.count
+            offset += run.positions
         if not runs:
             return 0, 0, ()
         first = runs[0][0]
