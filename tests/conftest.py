@@ -64,3 +64,19 @@ def restore_transformers_registry():
     for mapping, pristine in zip(_auto_registry(), _PRISTINE_REGISTRY):
         mapping.clear()
         mapping.update(pristine)
+
+
+@pytest.fixture(scope="session")
+def tiny_onevision_checkpoints(tmp_path_factory):
+    """Seeded tiny LLaVA-OneVision in the hub and transformers 5.6 layouts (tests/tiny_onevision.py)."""
+    import tiny_onevision
+
+    return tiny_onevision.write_tiny_onevision(tmp_path_factory.mktemp("tiny_onevision"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_aya_checkpoints(tmp_path_factory):
+    """Seeded tiny Aya Vision in the hub and transformers 5.6 layouts (tests/tiny_aya_vision.py)."""
+    import tiny_aya_vision
+
+    return tiny_aya_vision.write_tiny_aya(tmp_path_factory.mktemp("tiny_aya"), seed=0)

@@ -38,8 +38,8 @@ def _image(size, salt=0):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_aya_vision.write_tiny_aya(tmp_path_factory.mktemp("tiny_aya"), seed=0)
+def tiny(tiny_aya_checkpoints):
+    return tiny_aya_checkpoints
 
 
 @pytest.fixture(scope="module")

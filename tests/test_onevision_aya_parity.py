@@ -46,16 +46,6 @@ def _images(sizes, salt=0):
     return [make_test_image(w, h, seed=w * 1009 + h + salt) for w, h in sizes]
 
 
-@pytest.fixture(scope="module")
-def tiny_onevision_checkpoints(tmp_path_factory):
-    return tiny_onevision.write_tiny_onevision(tmp_path_factory.mktemp("tiny_onevision"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def tiny_aya_checkpoints(tmp_path_factory):
-    return tiny_aya_vision.write_tiny_aya(tmp_path_factory.mktemp("tiny_aya"), seed=0)
-
-
 def _load_ours(folder):
     from transformers import AutoTokenizer
 

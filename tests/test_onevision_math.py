@@ -43,8 +43,8 @@ def _image(size, salt=0):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_onevision.write_tiny_onevision(tmp_path_factory.mktemp("tiny_onevision"), seed=0)
+def tiny(tiny_onevision_checkpoints):
+    return tiny_onevision_checkpoints
 
 
 @pytest.fixture(scope="module")
