@@ -169,3 +169,19 @@ def test_tower_and_projector_match_get_image_features(reference, tiny, size):
         got = _projector(model, tiny)(tower(pixels)).flatten(0, 1)
     assert got.shape[0] == _layout(tiny.hub).image_tokens(size)
     assert torch.equal(got, expected)
+
+
+# The README's counts: aya-vision-8b geometry (364 px tiles, 169 rows per tile, up to 12 tiles + thumbnail).
+README_TILES = {(384, 384): 1, (640, 480): 13, (1280, 720): 9, (1920, 1080): 9, (500, 1500): 4}
+
+
+def test_real_geometry_tile_counts_match_the_image_processor():
+    from transformers import GotOcr2ImageProcessorPil
+
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 364, "width": 364}, max_patches=12, min_patches=1)
+    layout = AyaLayout.from_processor_configs({"img_size": 364, "patch_size": 14, "downsample_factor": 2},
+                                              {"size": {"height": 364, "width": 364}, "max_patches": 12})
+    assert layout.tokens_per_tile == 169
+    for (width, height), tiles in README_TILES.items():
+        assert image_processor.get_number_of_image_patches(height, width, {"crop_to_patches": True}) == tiles
+        assert layout.num_tiles((width, height)) == tiles and layout.image_tokens((width, height)) == tiles * 169

@@ -158,3 +158,23 @@ def test_packing_rejects_a_wrong_tile_count(reference, geometry):
     features = torch.zeros(3, geometry.base_tokens, model.config.text_config.hidden_size)
     with pytest.raises(ValueError, match="expected 9 tile feature maps for a 200x90 image, got 3"):
         pack_features(features, (200, 90), 1, geometry, torch.zeros(features.shape[-1]))
+
+
+# The README's token counts: llava-onevision-qwen2-*-ov-hf geometry (SigLIP 384 / 14 = 27 per side, 729 per
+# tile, the default 6x6 grid of 384 px pinpoints, anyres_max_9), against the processor's own arithmetic.
+README_COUNTS = {(384, 384): 1485, (640, 480): 2929, (1024, 768): 4725, (1920, 1080): 7269}
+
+
+def test_real_geometry_token_counts_match_the_processor():
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor
+
+    processor = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)  # no tokenizer or video part needed
+    processor.image_processor = LlavaOnevisionImageProcessorPil()
+    processor.num_image_tokens, processor.vision_aspect_ratio = 729, "anyres_max_9"
+    geometry = OnevisionGeometry.from_config({}, tile=384, patch=14, base_tokens=729)
+    assert [list(p) for p in geometry.grid_pinpoints] == LlavaOnevisionConfig().image_grid_pinpoints
+    for (width, height), expected in README_COUNTS.items():
+        assert processor._get_number_of_features(height, width, 384, 384) == geometry.tokens((width, height), 1) == expected
+    for size in [(500, 1500), (3000, 4000), (200, 100), (800, 600)]:
+        assert processor._get_number_of_features(size[1], size[0], 384, 384) == geometry.tokens(size, 1)
+    assert geometry.tokens((640, 480), images_in_prompt=2) == 730
