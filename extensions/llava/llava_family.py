@@ -102,6 +102,11 @@ class Family:
     cls_rule: str = "strategy"
     #: The image token's text when ``processor_config.json`` does not name it.
     image_token_text: str = "<image>"
+    #: What the checkpoint's chat template writes between an image and the text that follows it in the
+    #: same message; webui's chat path joins a message's image slots to its text with it
+    #: (``llava_chat.place_slots``): ``"\n"`` for the llava-hf templates (``<image>\n``), nothing for Aya
+    #: Vision (``<image>What…``).
+    image_text_separator: str = "\n"
     config_fields: Callable[[dict], dict] = field(default=lambda config: {})
     #: Text-config fields the language model loaded alone must take so that its logits are the reference's
     #: (Aya Vision: ``Cohere2ForCausalLM`` multiplies by ``logit_scale``, the reference's ``lm_head`` does not).
