@@ -281,9 +281,10 @@ class LlavaPipeline:
         )
         return results  # type: ignore[return-value]
 
-    def _encode_fresh(self, images: Sequence[Any], plan: ImagePlan) -> list[torch.Tensor]:
+    def _encode_fresh(self, images: Sequence[Any], plan: ImagePlan | None = None) -> list[torch.Tensor]:
         """RGB images -> their ``[N_i, H_lm]`` rows: the plan's pixels, the tower and projector once per
         pixel shape (all tiles of all images together when the shapes are fixed), the plan's packing."""
+        plan = plan or self.plan
         pixels = plan.preprocess(images)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for index, tiles in enumerate(pixels):
