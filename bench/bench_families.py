@@ -20,7 +20,16 @@ pixtral    Pixtral-12B vision (1024 wide, 24 layers, 16 px patches,  ``LlavaMode
            1024 px), MLP 1024 -> 5120 -> 5120                        (``image_sizes``, layer -1, "full")
 mistral3   Mistral-Small-3.1 vision (24 layers, 14 px patches,     ``Mistral3Model.get_image_features``
            1540 px), RMS norm, 2x2 patch merger, MLP -> 5120
+onevision  SigLIP so400m/384 (26 layers), MLP 1152 -> 3584 ->      ``LlavaOnevisionModel.get_image_features``
+           3584, anyres_max_9 over 384 px tiles                    (``image_sizes``; tiles packed, unpadded,
+           (llava-onevision-qwen2-7b-ov-hf)                        downscaled, with image_newline)
+aya        SigLIP so400m at 364 px (27 layers), pixel shuffle,     ``AyaVisionModel.get_image_features``
+           LayerNorm, SwiGLU 4608 -> 28672 -> 4096, up to 12        (every tile and the thumbnail)
+           tiles + thumbnail (CohereLabs/aya-vision-8b)
 =========  ======================================================  =============================================
+
+For the tiled families (onevision, aya) both sides encode every tile of the image and the row compares all
+of the image's feature rows (ours: ``encode_pixels`` then the plan's packing).
 
 Families of other helpers add a builder to :data:`BUILDERS`.
 """
@@ -119,8 +128,76 @@ def _pixtral_files(vision: dict, merge: int | None) -> dict:
     }
 
 
-#: family -> builder(tiny) -> (model class, config, processor files {name: json}, get_image_features kwargs)
-BUILDERS: dict[str, Callable] = {"vipllava": _vipllava, "pixtral": _pixtral, "mistral3": _mistral3}
+def _so400m(image_size: int, layers: int, tiny: bool) -> dict:
+    """google/siglip-so400m-patch14-384 vision config (at ``image_size``), or a toy one."""
+    if tiny:
+        return {"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 56, "patch_size": 14,
+                "vision_use_head": False}
+    return {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+            "num_hidden_layers": layers, "num_attention_heads": 16, "image_size": image_size, "patch_size": 14,
+            "vision_use_head": False, "layer_norm_eps": 1e-6}
+
+
+def _onevision(tiny: bool):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    vision = _so400m(384, 26, tiny)
+    text = {"model_type": "qwen2", "hidden_size": 128 if tiny else 3584, "num_hidden_layers": 2 if tiny else 28,
+            "num_attention_heads": 4 if tiny else 28, "num_key_value_heads": 2 if tiny else 4,
+            "intermediate_size": 256 if tiny else 18944, "vocab_size": 152128}
+    tile = vision["image_size"]
+    pinpoints = [[tile * rows, tile * cols] for rows in range(1, 7) for cols in range(1, 7)]
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=151646,
+                                  image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full")
+    tokens = (tile // vision["patch_size"]) ** 2
+    files = {
+        "preprocessor_config.json": {
+            "do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
+            "image_grid_pinpoints": pinpoints, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+            "image_processor_type": "LlavaOnevisionImageProcessor", "processor_class": "LlavaOnevisionProcessor",
+            "resample": 3, "rescale_factor": 1 / 255, "size": {"height": tile, "width": tile}},
+        "processor_config.json": {"image_token": "<image>", "num_image_tokens": tokens,
+                                  "processor_class": "LlavaOnevisionProcessor", "vision_aspect_ratio": "anyres_max_9",
+                                  "vision_feature_select_strategy": "full"},
+    }
+    sizes = lambda image, pixels: {"image_sizes": torch.tensor([[image.size[1], image.size[0]]]),  # noqa: E731
+                                   "batch_num_images": torch.tensor([1])}
+    return LlavaOnevisionForConditionalGeneration, config, files, {"per_image": sizes}
+
+
+def _aya(tiny: bool):
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration
+
+    import tiny_aya_vision
+
+    vision = _so400m(364, 27, tiny)
+    text = {"model_type": "cohere2", "hidden_size": 128 if tiny else 4096, "num_hidden_layers": 4 if tiny else 32,
+            "num_attention_heads": 4 if tiny else 32, "num_key_value_heads": 2 if tiny else 8,
+            "intermediate_size": 256 if tiny else 14336, "vocab_size": 1024 if tiny else 256000}
+    config = AyaVisionConfig(vision_config=vision, text_config=text, image_token_index=2, downsample_factor=2,
+                             vision_feature_layer=-1, vision_feature_select_strategy="full",
+                             alignment_intermediate_size=256 if tiny else 28672)
+    tile = vision["image_size"]
+    files = {
+        "preprocessor_config.json": {
+            "crop_to_patches": True, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
+            "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+            "image_processor_type": "GotOcr2ImageProcessor", "max_patches": 12, "min_patches": 1,
+            "processor_class": "AyaVisionProcessor", "resample": 3, "rescale_factor": 1 / 255,
+            "size": {"height": tile, "width": tile}},
+        "processor_config.json": {**tiny_aya_vision.processor_dict(), "img_size": tile},
+        # The plan spells the tile labels with the checkpoint's tokenizer: the tests' Cohere-style one.
+        "tokenizer": lambda folder: tiny_aya_vision._write_tokenizer(folder, tiny_aya_vision.train_cohere_tokenizer()),
+    }
+    return AyaVisionForConditionalGeneration, config, files, {}
+
+
+#: family -> builder(tiny) -> (model class, config, processor files {name: json, or a writer(folder)},
+#: get_image_features kwargs; ``per_image`` maps (image, pixels) to more kwargs)
+BUILDERS: dict[str, Callable] = {"vipllava": _vipllava, "pixtral": _pixtral, "mistral3": _mistral3,
+                                 "onevision": _onevision, "aya": _aya}
 
 
 def build_vision_only(model_class, config, device, dtype, seed: int):
@@ -142,6 +219,9 @@ def build_vision_only(model_class, config, device, dtype, seed: int):
                 else:
                     parameter.normal_(0.0, 0.02, generator=generator)
                 parameter.copy_(parameter.to(torch.float16))
+    if isinstance(getattr(model.model, "image_newline", None), torch.nn.Parameter):  # OneVision
+        newline = torch.randn(model.model.image_newline.shape, generator=generator, device=device) * 0.02
+        model.model.image_newline = torch.nn.Parameter(newline.to(dtype=dtype), requires_grad=False)
     tower = model.model.vision_tower
     if hasattr(tower, "embeddings"):  # CLIP
         positions = tower.embeddings.position_ids
@@ -163,10 +243,13 @@ def write_vision_checkpoint(folder: Path, model, files: dict) -> None:
     model.config.save_pretrained(folder)
     tensors = {name: tensor.detach().to(device="cpu", dtype=torch.float16).contiguous()
                for name, tensor in model.state_dict().items()
-               if name.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
+               if name.startswith(("model.vision_tower.", "model.multi_modal_projector.", "model.image_newline"))}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     for name, content in files.items():
-        (folder / name).write_text(json.dumps(content, indent=2))
+        if callable(content):
+            content(folder)
+        else:
+            (folder / name).write_text(json.dumps(content, indent=2))
 
 
 def bench_family(name: str, root: Path, *, device: str = "cpu", dtype=torch.float32, reps: int = 3,
@@ -190,14 +273,17 @@ def bench_family(name: str, root: Path, *, device: str = "cpu", dtype=torch.floa
     kwargs = dict(feature_kwargs)
     if name in ("pixtral", "mistral3"):
         kwargs["image_sizes"] = torch.tensor([[height, width]])
+    kwargs.update(kwargs.pop("per_image", lambda image, pixels: {})(image, pixels))
     device_pixels = pixels.to(device)
 
     def run_reference():
         features = reference.model.get_image_features(pixel_values=device_pixels.to(dtype), **kwargs).pooler_output
-        return features[0]
+        if isinstance(features, (list, tuple)):  # one [rows, H] per image (OneVision's packed images)
+            return features[0]
+        return features.reshape(-1, features.shape[-1])  # every tile's rows (one tile: the image's rows)
 
     def run_ours():
-        return ours.encode_pixels(device_pixels)[0]
+        return ours.plan.pack(ours.encode_pixels(device_pixels), image.size)
 
     with torch.inference_mode():
         want, got = run_reference().float(), run_ours().float()
