@@ -39,12 +39,15 @@ def has_slots(prompt: str) -> bool:
     return SLOT_OPEN in prompt
 
 
-def place_slots(text: str, slots: Sequence[str], placement: str, marker: str = IMAGE_MARKER) -> str:
+def place_slots(text: str, slots: Sequence[str], placement: str, marker: str = IMAGE_MARKER,
+                separator: str = "\n") -> str:
     """A message's text with its image slots placed.
 
     ``<image>`` typed in the text takes the message's images in order; images left over go where the
     checkpoint family was trained to see them: ``before`` -> ``slots + "\\n" + text`` (LLaVA v1+),
-    ``after`` -> ``text + "\\n" + slots`` (v0). ``<image>`` markers beyond the image count stay text.
+    ``after`` -> ``text + "\\n" + slots`` (v0). ``separator`` replaces that ``"\\n"`` for families whose
+    chat template writes something else between an image and its text (nothing for Aya Vision and
+    Pixtral: ``llava_family.Family.image_text_separator``). ``<image>`` markers beyond the image count stay text.
     The images always appear in the order given: with fewer markers than images, the markers take the
     last images under ``before`` and the first ones under ``after``.
     """
@@ -71,7 +74,7 @@ def place_slots(text: str, slots: Sequence[str], placement: str, marker: str = I
     joined = "".join(remaining)
     if not text.strip():
         return joined
-    return f"{joined}\n{text}" if placement == "before" else f"{text}\n{joined}"
+    return f"{joined}{separator}{text}" if placement == "before" else f"{text}{separator}{joined}"
 
 
 @dataclass
