@@ -273,5 +273,6 @@ def _label_ids(folder: Path, layout: AyaLayout) -> dict[str, tuple[int, ...]]:
     ids = {label: tuple(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels}
     empty = [label for label, label_ids in ids.items() if not label_ids]
     if empty:
-        raise AyaConfigError(f"the tokenizer of {folder} turns the tile label(s) {empty} into no tokens")
+        raise AyaConfigError(f"the tokenizer of {folder} turns the tile label(s) {empty[:3]} into no tokens; are the "
+                             "checkpoint's tokenizer files (tokenizer.json, tokenizer_config.json) missing?")
     return ids
