@@ -504,7 +504,7 @@ def _live_objects() -> dict[str, int]:
 def test_extreme_aspect_ratios_preprocess_quickly(pad):
     """A 1x20000 PNG is tiny, but resizing its short side to 336 makes it 336 x 6.7 M pixels (the
     reference's full resize: ~100 s and ~20 GB), and padding it to a square makes 400 M pixels. Only the
-    kept window is computed; elongated images are shrunk before padding."""
+    kept window is computed; an image whose padded square would exceed 16384² is shrunk before padding."""
     import numpy as np
 
     import llava_preprocess
