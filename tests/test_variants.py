@@ -22,7 +22,7 @@ import torch
 import llava_checkpoint
 from llava_checkpoint import read_llava_spec
 from llava_pipeline import LlavaPipeline
-from llava_prompt import TEMPLATES, place_images, render_conversation
+import original_llava
 from parity_support import CPU, load_ours, run_ours, report_max_logit_delta
 from tiny_llava import make_test_image
 
@@ -214,9 +214,7 @@ def _cli_reference_reply(tiny, kind: str, images) -> str:
     folder = getattr(tiny, kind)
     if kind in ("next_orig", "next_orig_mistral"):
         spec = read_llava_spec(folder)
-        template = TEMPLATES[spec.template]
-        question = place_images(QUESTION, len(images), spec.default_placement)
-        prompt = render_conversation(template, [(template.roles[0], question), (template.roles[1], None)])
+        prompt = original_llava.prompt_for(spec.template, [(QUESTION, len(images), None)])
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         pipeline = LlavaPipeline.load(folder, CPU, lm_hidden_size=64)
         counts = [pipeline.image_tokens(image.size) for image in images]
