@@ -91,10 +91,11 @@ def variants(tiny_checkpoints, tmp_path_factory):
     models_dir = tmp_path_factory.mktemp("variant_models")
     cache = {}
 
-    def get(fmt: str, tokenizer_config: str, template: str | None = None) -> Loaded:
-        key = (fmt, tokenizer_config, template)
+    def get(fmt: str, tokenizer_config: str, template: str | None = None, folder_name: str | None = None) -> Loaded:
+        key = (fmt, tokenizer_config, template, folder_name)
         if key not in cache:
-            name = "-".join(filter(None, (fmt, tokenizer_config, template)))
+            # Original checkpoints' conversation format follows the folder name, as in LLaVA's run_llava.py.
+            name = "-".join(filter(None, (folder_name or fmt, tokenizer_config, template)))
             folder = _variant(getattr(tiny_checkpoints, fmt), models_dir / name, TOKENIZER_CONFIGS[tokenizer_config],
                               HF_TEMPLATES[template] if template else None)
             cache[key] = Loaded(folder)
@@ -257,6 +258,27 @@ def test_original_formats_reach_the_model_as_the_original_conversation(
                                        system=system)
     assert marked(last_prompt(harness)) == prompt
     assert _ours(harness, entry) == _original_ids(entry, fmt, prompt, _image_rows(entry, turns))
+
+
+# Folder names that select the other conversation formats of original checkpoints.
+FORMAT_FOLDERS = {"llava_llama_2": "llava-llama-2-13b-chat-tiny", "mistral_instruct": "llava-v1.6-mistral-7b-tiny",
+                  "chatml_direct": "llava-v1.6-34b-tiny"}
+
+
+@pytest.mark.parametrize("conversation", ["images-in-two-turns", "text-only", "image-then-text"])
+@pytest.mark.parametrize("via", ["ui", "api"])
+@pytest.mark.parametrize("tokenizer_config", ["legacy-false", "legacy-true"])
+@pytest.mark.parametrize("name", sorted(FORMAT_FOLDERS))
+def test_other_original_conversation_formats(name, tokenizer_config, via, conversation, variants, harness_for):
+    entry = variants("v15", tokenizer_config, folder_name=FORMAT_FOLDERS[name])
+    assert entry.pipeline.spec.template == name
+    turns = CONVERSATIONS[conversation]
+    system = "Answer briefly." if conversation == "image-then-text" else None
+    harness = _run(harness_for, entry, turns, via=via, add_bos_token=True, system=system)
+    prompt = original_llava.prompt_for(name, [(text, len(images), reply) for text, images, reply in turns],
+                                       system=system)
+    assert marked(last_prompt(harness)) == prompt
+    assert _ours(harness, entry) == _original_ids(entry, "v15", prompt, _image_rows(entry, turns))
 
 
 @pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))

@@ -137,6 +137,8 @@ def test_image_changes_the_answer_for_each_variant(ours):
     ("llava-v1.6-34b", "llama", "chatml_direct"),
     ("llava-v1.6-vicuna-13b", "llama", "llava_v1"),
     ("llava-v1.5-7b", "llama", "llava_v1"),
+    ("llava-llama-2-13b-chat-lightning-preview", "llama", "llava_llama_2"),
+    ("LLaVA_Llama_2_7b", "llama", "llava_llama_2"),
 ])
 def test_default_template_name(dir_name, text_model_type, expected):
     assert llava_checkpoint.default_template_name(dir_name, "v1", text_model_type) == expected
