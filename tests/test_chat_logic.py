@@ -20,6 +20,7 @@ import llava_templates
 import original_llava
 from llava_chat import MEDIA_MARKER, SLOT_CLOSE, SLOT_OPEN
 from llava_prompt import LLAVA_SYSTEM, TEMPLATES, ImageRef
+from reference_support import HUB_STYLE_TEMPLATE, STRING_TEMPLATE
 from tiny_llava import LLAVA_15_HF_CHAT_TEMPLATE
 from webui_llava_support import marked, slots_in
 
@@ -285,25 +286,6 @@ def test_every_named_template_is_a_webui_template():
     assert set(llava_templates.WEBUI_TEMPLATES) == set(TEMPLATES)
 
 
-# A template in the style of the llava-hf hub files: list contents only, {% generation %} around replies.
-HUB_STYLE_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
-    "{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{%- generation -%}{{ content['text'] + ' '}}{%- endgeneration -%}{% endfor %}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-# A plain template that prints the content as a string (community conversions, an LM's tokenizer_config).
-STRING_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
-    "{% elif message['role'] == 'user' %}USER: {{ message['content'] }}\n"
-    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ message['content'] }}{{ eos_token }}\n{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 # Iterates parts but prints only the text parts (images never appear).
 TEXT_PARTS_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: "
