@@ -2,12 +2,11 @@
 
 No model, no webui: strings in, strings out. Templates are rendered in a Jinja environment configured like
 webui's (chat.py: ImmutableSandboxedEnvironment, trim_blocks, lstrip_blocks, loopcontrols) and compared with
-the reference conversation renderer (llava_prompt.render_conversation) where the formats correspond.
+an independent statement of original LLaVA's get_prompt (tests/original_llava.py) and with transformers'
+rendering of the processor's messages.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 from hypothesis import given, settings
@@ -18,9 +17,12 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 import llava_chat
 import llava_templates
+import original_llava
 from llava_chat import MEDIA_MARKER, SLOT_CLOSE, SLOT_OPEN
-from llava_prompt import LLAVA_SYSTEM, TEMPLATES, ImageRef, render_conversation
+from llava_prompt import LLAVA_SYSTEM, TEMPLATES, ImageRef
+from reference_support import HUB_STYLE_TEMPLATE, STRING_TEMPLATE
 from tiny_llava import LLAVA_15_HF_CHAT_TEMPLATE
+from webui_llava_support import marked, slots_in
 
 S0 = f"{SLOT_OPEN}0:70x45{SLOT_CLOSE}"
 S1 = f"{SLOT_OPEN}1:40x60{SLOT_CLOSE}"
@@ -36,22 +38,26 @@ def test_slot_format_and_detection():
 
 
 def test_neutralize_removes_only_the_slot_characters():
-    typed = f"x {S0} <image> <__media__> \ue000\ue001 </s> é"
-    assert llava_chat.neutralize(typed) == "x 0:70x45 <image> <__media__>  </s> é"
+    typed = f"x {S0} <image> <__media__> \ue000\ue001\ue002\ue003 </s> é\ue004"
+    assert llava_chat.neutralize(typed) == "x 0:70x45 <image> <__media__>  </s> é\ue004"
     assert not llava_chat.has_slots(llava_chat.neutralize(typed))
 
 
+NL = "\ue002"  # llava_chat.IMAGE_NEWLINE, written out: the tests pin the format
+
+
 @pytest.mark.parametrize("text, images, placement, expected", [
-    ("What?", 1, "before", f"{S0}\nWhat?"),
-    ("What?", 1, "after", f"What?\n{S0}"),
-    ("What?", 2, "before", f"{S0}{S1}\nWhat?"),
-    ("", 1, "before", S0),
-    ("  ", 1, "after", S0),
+    ("What?", 1, "before", f"{S0}{NL}What?"),
+    ("What?", 1, "after", f"What?{NL}{S0}"),
+    ("What?", 2, "before", f"{S0}{NL}{S1}{NL}What?"),  # "<image>\n" per image, as the llava-1.5 template
+    ("What?", 2, "after", f"What?{NL}{S0}{NL}{S1}"),
+    ("", 1, "before", f"{S0}{NL}"),  # "<image>\n" + "" as get_prompt renders an image-only message
+    ("", 1, "after", f"{NL}{S0}"),
     ("Left <image> right <image>.", 2, "before", f"Left {S0} right {S1}."),
-    ("Only <image> here", 2, "after", f"Only {S0} here\n{S1}"),  # leftovers go where the family expects
+    ("Only <image> here", 2, "after", f"Only {S0} here{NL}{S1}"),  # leftovers go where the family expects
     ("a <image> b <image> c <image>", 2, "before", f"a {S0} b {S1} c <image>"),  # extra markers stay text
     # Fewer markers than images: the images still appear in the order sent.
-    ("Only <image> here", 2, "before", f"{S0}\nOnly {S1} here"),
+    ("Only <image> here", 2, "before", f"{S0}{NL}Only {S1} here"),
 ])
 def test_place_slots(text, images, placement, expected):
     assert llava_chat.place_slots(text, [S0, S1][:images], placement) == expected
@@ -109,6 +115,14 @@ def test_stray_slot_characters_never_make_an_image():
 
 def test_strip_slots():
     assert llava_chat.strip_slots(f"a {S0} b {S1[:3]}") == "a  b "
+    assert llava_chat.strip_slots(f"{S0}{NL}{S1}{NL}What?") == "\n\nWhat?"
+
+
+def test_image_newlines_become_newlines_when_parsed():
+    """webui strips message texts; the image newline survives that and is a plain "\\n" in the prompt."""
+    parsed = llava_chat.parse_slots(f"USER: {S0}{NL}{S1}{NL} ASSISTANT:")
+    assert parsed.parts == ["USER: ", ImageRef(0), "\n", ImageRef(1), "\n ASSISTANT:"]
+    assert f"{S0}{NL}".strip() == f"{S0}{NL}"
 
 
 @settings(max_examples=200, deadline=None)
@@ -203,93 +217,175 @@ CHAT = [
     {"role": "user", "content": "And its colour?"},
 ]
 
-
-def _reference(name, system=None):
-    template = TEMPLATES[name]
-    if system is not None:
-        template = dataclasses.replace(template, system=system)
-    roles = template.roles
-    turns = [(roles[0], CHAT[0]["content"]), (roles[1], CHAT[1]["content"]), (roles[0], CHAT[2]["content"]),
-             (roles[1], None)]
-    return render_conversation(template, turns)
-
-
-def test_llava_v1_template(webui_jinja):
-    rendered = webui_jinja(llava_templates.LLAVA_V1, CHAT)
-    assert rendered == (f"<s>{LLAVA_SYSTEM} USER: <image>\nWhat is this? ASSISTANT: A cat.</s>"
-                        "USER: And its colour? ASSISTANT:")
-    assert rendered == "<s>" + _reference("llava_v1")
-    with_system = webui_jinja(llava_templates.LLAVA_V1, [{"role": "system", "content": "Be brief."}, *CHAT])
-    assert with_system == "<s>" + _reference("llava_v1", system="Be brief.")
+# Conversations as webui hands them to an instruction template (string contents, images as slots with the
+# image newline), with the same conversation as original_llava turns (user text, images, reply).
+CONVERSATIONS = {
+    "one image": ([(f"{S0}{NL}What is this?", None)], [("What is this?", 1, None)]),
+    "two turns": ([(f"{S0}{NL}What is this?", "A cat."), ("And its colour?", None)],
+                  [("What is this?", 1, "A cat."), ("And its colour?", 0, None)]),
+    "images in two turns": ([(f"{S0}{NL}{S1}{NL}Compare.", "Both red."), (f"{S1}{NL}And this?", None)],
+                            [("Compare.", 2, "Both red."), ("And this?", 1, None)]),
+    "image only": ([(f"{S0}{NL}", None)], [("", 1, None)]),
+    "text only": ([("Hello there.", "Hi."), ("Bye.", None)], [("Hello there.", 0, "Hi."), ("Bye.", 0, None)]),
+}
 
 
-def test_llava_v0_template_is_webuis_llava_format(webui_jinja):
-    system = ("You are LLaVA, a large language and vision assistant trained by UW Madison WAIV Lab. You are able "
-              "to understand the visual content that the user provides, and assist the user with a variety of tasks "
-              "using natural language. Follow the instructions carefully and explain your answers in detail.")
-    assert webui_jinja(llava_templates.LLAVA_V0, CHAT) == (
-        f"<s>{system}\n### Human: <image>\nWhat is this?\n### Assistant: A cat.\n### Human: And its colour?\n"
-        "### Assistant:")
-    assert webui_jinja(llava_templates.LLAVA_V0, [{"role": "system", "content": "S"}, *CHAT[:1]]) == (
-        "<s>S\n### Human: <image>\nWhat is this?\n### Assistant:")
+def _webui_messages(turns, system=None):
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    for user, reply in turns:
+        messages.append({"role": "user", "content": user})
+        if reply is not None:
+            messages.append({"role": "assistant", "content": reply})
+    return messages
 
 
-def test_mistral_instruct_template(webui_jinja):
-    rendered = webui_jinja(llava_templates.MISTRAL_INSTRUCT, CHAT)
-    assert rendered == "<s>[INST] <image>\nWhat is this? [/INST] A cat. </s>[INST] And its colour? [/INST]"
-    assert rendered == "<s>" + _reference("mistral_instruct")
+def _v0_turns(reference_turns):
+    return [(f"{user}{NL}{S0}" if images == 1 else user, reply) for user, images, reply in reference_turns]
 
 
-def test_chatml_direct_template(webui_jinja):
-    rendered = webui_jinja(llava_templates.CHATML_DIRECT, CHAT)
-    assert rendered == ("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat is this?"
-                        "<|im_end|><|im_start|>assistant\nA cat.<|im_end|><|im_start|>user\nAnd its colour?<|im_end|>"
-                        "<|im_start|>assistant\n")
-    assert rendered == _reference("chatml_direct")
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("case", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_original_templates_render_get_prompt_exactly(name, case, system, webui_jinja):
+    """webui's render of the template == original LLaVA's Conversation.get_prompt (tests/original_llava.py)
+    for the same conversation, images as "<image>"; no BOS text (the tokenizer adds the BOS)."""
+    webui_turns, reference_turns = CONVERSATIONS[case]
+    if name == "llava_v0":
+        if any(images > 1 for _, images, _ in reference_turns):
+            pytest.skip("v0 places one image after the text; several are covered by the placement tests")
+        webui_turns = _v0_turns(reference_turns)
+    rendered = webui_jinja(llava_templates.WEBUI_TEMPLATES[name], _webui_messages(webui_turns, system))
+    expected = original_llava.prompt_for(name, reference_turns, system=system)
+    assert marked(rendered) == expected
+    assert not rendered.startswith("<s>")
+
+
+def test_original_templates_in_full():
+    """The formats written out once, for readers (the parametrized test above covers the combinations)."""
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+
+    def render(name, messages):
+        return marked(environment.from_string(llava_templates.WEBUI_TEMPLATES[name]).render(
+            messages=messages, add_generation_prompt=True, bos_token="<s>", eos_token="</s>"))
+
+    chat = _webui_messages([(f"{S0}{NL}What is this?", "A cat."), ("And its colour?", None)])
+    assert render("llava_v1", chat) == (f"{LLAVA_SYSTEM} USER: <image>\nWhat is this? ASSISTANT: A cat.</s>"
+                                        "USER: And its colour? ASSISTANT:")
+    assert render("mistral_instruct", chat) == "[INST] <image>\nWhat is this? [/INST] A cat. </s>[INST] And its colour? [/INST]"
+    assert render("llava_llama_2", chat).startswith("[INST] <<SYS>>\nYou are a helpful language and vision assistant.")
+    assert render("llava_llama_2", chat).endswith("<image>\nWhat is this? [/INST] A cat. </s><s>[INST] And its colour? [/INST]")
+    assert render("chatml_direct", chat) == (
+        "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat is this?<|im_end|>"
+        "<|im_start|>assistant\nA cat.<|im_end|><|im_start|>user\nAnd its colour?<|im_end|><|im_start|>assistant\n")
+    v0 = render("llava_v0", _webui_messages([(f"What is this?{NL}{S0}", None)]))
+    assert v0.endswith("###Human: Hi!###Assistant: Hi there!  How can I help you today?\n"
+                       "###Human: What is this?\n<image>###Assistant:")
 
 
 def test_every_named_template_is_a_webui_template():
     assert set(llava_templates.WEBUI_TEMPLATES) == set(TEMPLATES)
 
 
-# A template in the style of the llava-hf hub files: list contents only, {% generation %} around replies.
-HUB_STYLE_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
-    "{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{%- generation -%}{{ content['text'] + ' '}}{%- endgeneration -%}{% endfor %}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+# Iterates parts but prints only the text parts (images never appear).
+TEXT_PARTS_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: "
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}\n{% endfor %}"
+)
+# Images where the template wants them: after the text, inside markup of its own.
+IMAGES_AFTER_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'image' %}[{{ '<image>' }}]{% endfor %}"
+    "<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
 
-@pytest.mark.parametrize("template", [LLAVA_15_HF_CHAT_TEMPLATE, HUB_STYLE_TEMPLATE], ids=["fixture", "hub_style"])
-def test_adapted_hf_template_renders_webui_messages(template, webui_jinja):
-    with pytest.raises(TemplateSyntaxError, match="generation"):
-        webui_jinja.environment.from_string(template)  # why the adaptation exists
-    adapted = llava_templates.adapt_hf_template(template)
-    expected = "USER: <image>\nWhat is this? ASSISTANT: A cat. USER: And its colour? ASSISTANT:"
-    assert webui_jinja(adapted, CHAT) == expected
-    assert webui_jinja(adapted, [{"role": "system", "content": "Be brief."}, *CHAT]) == "Be brief. " + expected
-    assert webui_jinja(adapted, CHAT, add_generation_prompt=False).endswith("USER: And its colour? ")
+@pytest.mark.parametrize("template, shapes", [
+    (LLAVA_15_HF_CHAT_TEMPLATE, {"user": "images", "system": "parts", "assistant": "parts"}),
+    (HUB_STYLE_TEMPLATE, {"user": "images", "system": "parts", "assistant": "parts"}),
+    (STRING_TEMPLATE, {"user": "string", "system": "string", "assistant": "string"}),
+    (TEXT_PARTS_TEMPLATE, {"user": "parts", "system": "parts", "assistant": "parts"}),
+    (IMAGES_AFTER_TEMPLATE, {"user": "images", "system": "parts", "assistant": "parts"}),
+], ids=["fixture", "hub_style", "string", "text_parts", "images_after"])
+def test_content_shape_is_found_by_rendering(template, shapes):
+    assert llava_templates.content_shapes(template, "<image>") == shapes
 
 
-def test_adapted_hf_template_agrees_with_transformers_rendering(webui_jinja):
-    """transformers renders the original template (generation tag and all) on list contents; the adapted one on
-    webui's string contents must give the same text."""
+def test_a_template_that_renders_no_user_text_is_not_used():
+    assert llava_templates.content_shapes("{{ 'fixed' }}", "<image>") is None
+    assert llava_templates.adapt_chat_template("{{ 'fixed' }}", "<image>") is None
+
+
+def _parts_messages(system=None):
+    """CONVERSATIONS["images in two turns"] as a processor gets it (images as parts, before the text)."""
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    return messages + [
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Both red."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]},
+    ]
+
+
+@pytest.mark.parametrize("template", [LLAVA_15_HF_CHAT_TEMPLATE, HUB_STYLE_TEMPLATE, IMAGES_AFTER_TEMPLATE],
+                         ids=["fixture", "hub_style", "images_after"])
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_parts_templates_render_as_transformers_renders_the_processor_messages(template, system, webui_jinja):
+    """transformers renders the template (generation tags and all) on list contents with image parts; the
+    adapted one on webui's string contents gives the same text, with each image's slot where the template
+    put that image."""
     from transformers import PreTrainedTokenizerFast
 
     from tiny_llava import train_tiny_tokenizer
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_tiny_tokenizer(), bos_token="<s>", eos_token="</s>")
-    for template in (LLAVA_15_HF_CHAT_TEMPLATE, HUB_STYLE_TEMPLATE):
-        as_parts = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
-            {"role": "user", "content": [{"type": "text", "text": "And its colour?"}]},
-        ]
-        theirs = tokenizer.apply_chat_template(as_parts, chat_template=template, tokenize=False,
-                                               add_generation_prompt=True)
-        assert webui_jinja(llava_templates.adapt_hf_template(template), CHAT) == theirs
+    theirs = tokenizer.apply_chat_template(_parts_messages(system), chat_template=template, tokenize=False,
+                                           add_generation_prompt=True)
+    webui_turns = CONVERSATIONS["images in two turns"][0]
+    ours = webui_jinja(llava_templates.adapt_chat_template(template, "<image>"), _webui_messages(webui_turns, system))
+    assert marked(ours) == theirs
+    assert [index for index, _ in slots_in(ours)] == [0, 1, 1]  # each slot where its image is
+
+
+def test_string_template_gets_strings_and_keeps_the_images(webui_jinja):
+    """The defect of a list-wrapping adaptation: the template printed the repr of a list and the slot was
+    lost. Now it gets the string, slot included."""
+    adapted = llava_templates.adapt_chat_template(STRING_TEMPLATE, "<image>")
+    rendered = webui_jinja(adapted, _webui_messages([(f"{S0}{NL}What is shown?", None)]))
+    assert rendered == f"<s>USER: {S0}{NL}What is shown?\nASSISTANT:"
+    assert "'type'" not in rendered
+
+
+def test_typed_image_text_stays_text_in_a_parts_template(webui_jinja):
+    adapted = llava_templates.adapt_chat_template(LLAVA_15_HF_CHAT_TEMPLATE, "<image>")
+    messages = _webui_messages([(f"{S0}{NL}Is <image> a tag?", None)], system="Say <image>.")
+    rendered = webui_jinja(adapted, messages)
+    assert rendered == f"Say <image>. USER: {S0}\nIs <image> a tag? ASSISTANT:"
+
+
+def test_text_parts_template_keeps_slots_in_the_text(webui_jinja):
+    adapted = llava_templates.adapt_chat_template(TEXT_PARTS_TEMPLATE, "<image>")
+    rendered = webui_jinja(adapted, _webui_messages([(f"{S0}{NL}What?", None)]))
+    assert rendered == f"user: {S0}{NL}What?"  # trim_blocks eats the newline after the block tag
+
+
+def test_generation_tags_are_removed(webui_jinja):
+    with pytest.raises(TemplateSyntaxError, match="generation"):
+        webui_jinja.environment.from_string(HUB_STYLE_TEMPLATE)  # why the adaptation removes them
+    adapted = llava_templates.adapt_chat_template(HUB_STYLE_TEMPLATE, "<image>")
+    assert "{% generation" not in adapted and "endgeneration" not in adapted
+    assert webui_jinja(adapted, _webui_messages([("Hi", "Hello."), ("Again", None)])) == \
+        "USER: Hi ASSISTANT: Hello. USER: Again ASSISTANT:"
+
+
+def test_checkpoint_chat_template_sources(tmp_path):
+    """chat_template.jinja, then chat_template.json, then tokenizer_config.json (string or named list)."""
+    import json
+
+    assert llava_templates.checkpoint_chat_template(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}))
+    assert llava_templates.checkpoint_chat_template(tmp_path) == "D"
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "J"}))
+    assert llava_templates.checkpoint_chat_template(tmp_path) == "J"
+    (tmp_path / "chat_template.jinja").write_text("K")
+    assert llava_templates.checkpoint_chat_template(tmp_path) == "K"

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_prompt import TEMPLATES, render_conversation
+import original_llava
 from tiny_llava import make_test_image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -216,12 +216,8 @@ def _open_images(keys):
 def _templated_prompt(tiny, fmt: str, images: int) -> str:
     """The prompt the CLI should build without --raw: the original templates for v0/v1.5 (images after the
     question for v0, before it for v1), the checkpoint's own chat template for llava-hf."""
-    if fmt == "v0":
-        question = QUESTION + "\n" + "<image>" * images
-        return render_conversation(TEMPLATES["llava_v0"], [("Human", question), ("Assistant", None)])
-    if fmt == "v15":
-        question = "<image>" * images + "\n" + QUESTION
-        return render_conversation(TEMPLATES["llava_v1"], [("USER", question), ("ASSISTANT", None)])
+    if fmt in ("v0", "v15"):  # original LLaVA's get_prompt (tests/original_llava.py)
+        return original_llava.prompt_for("llava_v0" if fmt == "v0" else "llava_v1", [(QUESTION, images, None)])
     from transformers import LlavaProcessor
 
     # hf keeps its template in chat_template.json, hf5 in chat_template.jinja; the processor reads both.

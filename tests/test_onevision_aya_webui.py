@@ -5,8 +5,8 @@ the extension.
 What reaches ``model.generate`` must be what transformers' processor and model give for the same
 conversation: the prompt the checkpoint's chat template renders, the processor's input ids, logits
 within 1e-5 (fp32), the same greedy tokens. Covered: the chat UI, the OpenAI API (plain and streamed),
-images in two turns (OneVision then tiles neither: the processor's rule for several images), Aya's two
-images in one message, webui's token counting (``custom_tokenized_length``) and the panel's token cost.
+images in two turns and two images in one message (OneVision then tiles neither: the processor's rule
+for several images), webui's token counting (``custom_tokenized_length``) and the panel's token cost.
 """
 
 from __future__ import annotations
@@ -68,10 +68,13 @@ def _reference(families, family, conversation, pictures):
     inputs = dict(processor(images=nested, text=prompt, return_tensors="pt",
                             add_special_tokens=not (bos and prompt.startswith(bos))))
     inputs.pop("attention_mask", None)
+    # webui never samples an id past the tokenizer (the padded rows of OneVision's vocabulary): neither may
+    # the reference here.
+    beyond = list(range(len(processor.tokenizer), model.config.text_config.vocab_size)) or None
     with torch.no_grad():
         logits = model(**inputs).logits[0]
         out = model.generate(**inputs, attention_mask=torch.ones_like(inputs["input_ids"]), max_new_tokens=NEW_TOKENS,
-                             do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+                             do_sample=False, pad_token_id=processor.tokenizer.pad_token_id, suppress_tokens=beyond)
     return prompt, inputs["input_ids"][0].tolist(), logits, out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
@@ -128,11 +131,15 @@ def test_images_in_two_turns_with_embed_all(family, make_harness, families):
         assert ids.count(pipeline.spec.image_token_id) == 2 * (pipeline.plan.geometry.base_tokens + 1)
 
 
-def test_aya_two_images_in_one_message(make_harness, families):
-    harness = make_harness("aya", {"llava-add_all_images_to_prompt": True})
+@pytest.mark.parametrize("family", list(MODULES))
+def test_two_images_in_one_message(family, make_harness, families):
+    """Every image of the newest message reaches the model (the default, "embed all" unchecked); the
+    checkpoint's template writes each one (OneVision: ``<image>\n`` each, neither tiled)."""
+    harness = make_harness(family)
     first, second = image(168, 84, seed=6), image(60, 200, seed=7)
     harness.send("Compare them.", [first, second])
-    _check_against_reference(harness, families, "aya",
+    assert [index for index, _ in slots_in(last_prompt(harness))] == [0, 1]
+    _check_against_reference(harness, families, family,
                              [_user({"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare them."})],
                              [first, second])
 

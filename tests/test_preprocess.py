@@ -66,6 +66,33 @@ def test_bit_identical_to_reference(reference_processors, edge, pad, size, make_
     assert torch.equal(got, expected)
 
 
+# Tall and wide shapes whose padded square is large (up to 4383² = 19 M pixels) but far below the bound
+# (llava_preprocess.PAD_MAX_SIDE): the pad path must stay the reference's, bit for bit.
+LARGE_PAD_SIZES = [(1386, 4158), (1461, 4383), (1, 5000), (5000, 1), (4158, 1386), (2, 4097)]
+
+
+@pytest.mark.parametrize("size", LARGE_PAD_SIZES, ids=[f"{w}x{h}" for w, h in LARGE_PAD_SIZES])
+def test_large_elongated_images_pad_exactly(reference_processors, size):
+    image = noise_image(*size)
+    assert torch.equal(preprocess(image, clip_config(336, True)), reference(reference_processors[336, True], image))
+
+
+@pytest.mark.parametrize("size", [(200, 600), (600, 200), (1, 600)], ids=["tall", "wide", "line"])
+def test_pad_deviates_only_beyond_the_documented_bound(monkeypatch, reference_processors, size):
+    """Up to a square of PAD_MAX_SIDE² the result is the reference's; one pixel more and the image is shrunk
+    to that side first (the bound is lowered here so that the reference stays cheap to run)."""
+    processor = reference_processors[56, True]
+    monkeypatch.setattr(llava_preprocess, "PAD_MAX_SIDE", max(size))
+    image = noise_image(*size)
+    assert torch.equal(preprocess(image, clip_config(56, True)), reference(processor, image))
+    monkeypatch.setattr(llava_preprocess, "PAD_MAX_SIDE", max(size) - 1)
+    assert llava_preprocess._shrink_for_padding(image).size != image.size
+    shrunk = llava_preprocess._shrink_for_padding(image)
+    assert max(shrunk.size) == max(size) - 1
+    # Beyond the bound the result is the reference's on the shrunk image.
+    assert torch.equal(preprocess(image, clip_config(56, True)), reference(processor, shrunk))
+
+
 def _mode_images(width=45, height=31):
     """One generated image per PIL mode the brief names, with content that exercises the mode."""
     rng = np.random.default_rng(3)

@@ -107,14 +107,33 @@ def test_chatml_direct_template():
 
 @pytest.mark.parametrize(
     "placement, expected",
-    [("before", "<image><image>\nWhat?"), ("after", "What?\n<image><image>")],
+    [("before", "<image>\n<image>\nWhat?"), ("after", "What?\n<image>\n<image>")],
 )
 def test_place_images(placement, expected):
-    assert place_images("What?", 2, placement) == expected
+    assert place_images("What?", ["<image>"] * 2, placement) == expected
 
 
 def test_place_images_respects_typed_marker_and_no_images():
-    assert place_images("Look <image> here", 1, "before") == "Look <image> here"
-    assert place_images("text only", 0, "after") == "text only"
+    assert place_images("Look <image> here", ["<image>"], "before") == "Look <image> here"
+    assert place_images("text only", [], "after") == "text only"
+    assert place_images("", ["<image>"], "before") == "<image>\n"
+    assert place_images("What?", ["[IMG]"], "before", marker="[IMG]", newline="|") == "[IMG]|What?"
     with pytest.raises(ValueError):
-        place_images("x", 1, "sideways")
+        place_images("x", ["<image>"], "sideways")
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("system", [None, "Be brief.", ""])
+def test_render_conversation_is_get_prompt(name, system):
+    """render_conversation (the CLI's prompt) == original LLaVA's Conversation.get_prompt
+    (tests/original_llava.py) for one and several turns, with and without images and a system text."""
+    import original_llava
+
+    template = TEMPLATES[name]
+    for turns in ([("Q1", 1, None)], [("Q1", 1, "A1"), ("Q2", 0, "A2"), ("Q3", 0, None)], [("", 1, None)]):
+        messages = []
+        for user, images, reply in turns:
+            placed = place_images(user, ["<image>"] * images, "after" if name == "llava_v0" else "before")
+            messages += [(template.roles[0], placed), (template.roles[1], reply)]
+        assert render_conversation(template, messages, system=system) == \
+            original_llava.prompt_for(name, turns, system=system), turns

@@ -22,7 +22,7 @@ import torch
 import llava_checkpoint
 from llava_checkpoint import read_llava_spec
 from llava_pipeline import LlavaPipeline
-from llava_prompt import TEMPLATES, place_images, render_conversation
+import original_llava
 from parity_support import CPU, load_ours, run_ours, report_max_logit_delta
 from tiny_llava import make_test_image
 
@@ -137,6 +137,8 @@ def test_image_changes_the_answer_for_each_variant(ours):
     ("llava-v1.6-34b", "llama", "chatml_direct"),
     ("llava-v1.6-vicuna-13b", "llama", "llava_v1"),
     ("llava-v1.5-7b", "llama", "llava_v1"),
+    ("llava-llama-2-13b-chat-lightning-preview", "llama", "llava_llama_2"),
+    ("LLaVA_Llama_2_7b", "llama", "llava_llama_2"),
 ])
 def test_default_template_name(dir_name, text_model_type, expected):
     assert llava_checkpoint.default_template_name(dir_name, "v1", text_model_type) == expected
@@ -214,9 +216,7 @@ def _cli_reference_reply(tiny, kind: str, images) -> str:
     folder = getattr(tiny, kind)
     if kind in ("next_orig", "next_orig_mistral"):
         spec = read_llava_spec(folder)
-        template = TEMPLATES[spec.template]
-        question = place_images(QUESTION, len(images), spec.default_placement)
-        prompt = render_conversation(template, [(template.roles[0], question), (template.roles[1], None)])
+        prompt = original_llava.prompt_for(spec.template, [(QUESTION, len(images), None)])
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         pipeline = LlavaPipeline.load(folder, CPU, lm_hidden_size=64)
         counts = [pipeline.image_tokens(image.size) for image in images]

@@ -60,7 +60,7 @@ def test_send_two_images_in_order(fmt, make_harness, loaded):
     harness = make_harness(fmt, {"llava-add_all_images_to_prompt": True})
     first, second = image(70, 45, seed=1), image(40, 60, seed=2)
     expected = _send_and_check(harness, loaded(fmt), fmt, "Compare them.", [first, second],
-                               "<image><image>\nCompare them.")
+                               "<image>\n<image>\nCompare them.")
     call = last_call(harness)
     spans = expected.prompt.image_spans
     entry = loaded(fmt)
@@ -69,23 +69,23 @@ def test_send_two_images_in_order(fmt, make_harness, loaded):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_send_two_images_without_embed_all_embeds_the_last(fmt, make_harness, loaded):
-    """"Embed all" off (the default): only the most recent image has positions, also within one message."""
+def test_send_two_images_without_embed_all_embeds_both(fmt, make_harness, loaded):
+    """"Embed all" off (the default): every image of the most recent message with images has positions."""
     harness = make_harness(fmt)
     first, second = image(70, 45, seed=1), image(40, 60, seed=2)
     harness.send("Compare them.", [first, second])
-    expected_prompt = instruct_prompt(fmt, [("<image>\nCompare them.", None)])
+    expected_prompt = instruct_prompt(fmt, [("<image>\n<image>\nCompare them.", None)])
     assert marked(last_prompt(harness)) == expected_prompt
-    assert slots_in(last_prompt(harness)) == [(0, (40, 60))]
-    assert_generate_matches(last_call(harness), loaded(fmt).prepare(expected_prompt, [second], add_bos=ADD_BOS[fmt]))
-    # ... and the user is told that the first image was not shown.
-    assert "only the most recent image is shown to the model (1 earlier image(s)" in visible_reply(harness)
+    assert slots_in(last_prompt(harness)) == [(0, (70, 45)), (1, (40, 60))]
+    assert_generate_matches(last_call(harness),
+                            loaded(fmt).prepare(expected_prompt, [first, second], add_bos=ADD_BOS[fmt]))
+    assert "llava:" not in visible_reply(harness)  # nothing was left out
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_image_only_message(fmt, make_harness, loaded):
     harness = make_harness(fmt)
-    _send_and_check(harness, loaded(fmt), fmt, "", [image(50, 50)], "<image>")
+    _send_and_check(harness, loaded(fmt), fmt, "", [image(50, 50)], "<image>\n")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -163,12 +163,11 @@ def test_chat_modes(mode, make_harness, loaded):
     prompt = marked(last_prompt(harness))
     if mode == "chat":
         assert prompt == "CTX\n\nAI: How can I help you today?\nYou: <image>\nLook at my picture.\nAI:"
-        add_bos = True  # chat mode keeps add_bos_token; the prompt text has no BOS
     else:
-        assert prompt.startswith("<s>" + V1_SYSTEM + " USER: Continue the chat dialogue below.")
+        assert prompt.startswith(V1_SYSTEM + " USER: Continue the chat dialogue below.")
         assert prompt.endswith("You: <image>\nLook at my picture.\n ASSISTANT:")
-        add_bos = False
-    expected = loaded("v15").prepare(prompt, [picture], add_bos=add_bos)
+    # No BOS text in either prompt: the tokenizer's own BOS, once (tokenizer_image_token).
+    expected = loaded("v15").prepare(prompt, [picture], add_bos=True)
     assert_generate_matches(last_call(harness), expected)
     assert last_call(harness).input_ids[0, 0].item() == loaded("v15").tokenizer.bos_token_id
     assert last_call(harness).input_ids[0, 1].item() != loaded("v15").tokenizer.bos_token_id
@@ -252,12 +251,15 @@ def test_chat_prompt_endpoint_and_count_tokens_count_image_positions(fmt, make_h
     assert prompt == instruct_prompt(fmt, [(f"{MARKER}\n\n{QUESTION}", None)])
     (count_call,) = hook_calls(harness, "custom_tokenized_length", start)
     assert count_call.args[0] == prompt
-    assert count_call.result == entry.length(prompt.replace(MARKER, "<image>"), [picture], add_bos=ADD_BOS[fmt])
+    # Counted as the extension will place the image: "<image>\n" before the text.
+    assert count_call.result == entry.length(prompt.replace(MARKER + "\n\n", "<image>\n"), [picture],
+                                             add_bos=ADD_BOS[fmt])
 
     plain = harness.count_tokens(QUESTION)
     with_image = harness.count_tokens(QUESTION, [picture])
     counted_prompt = hook_calls(harness, "custom_tokenized_length")[-1].args[0]
-    assert with_image == entry.length(counted_prompt.replace(MARKER, "<image>"), [picture], add_bos=ADD_BOS[fmt])
+    assert with_image == entry.length(counted_prompt.replace(MARKER + "\n\n", "<image>\n"), [picture],
+                                      add_bos=ADD_BOS[fmt])
     assert with_image - plain >= entry.pipeline.tokens_per_image
 
 
@@ -326,18 +328,37 @@ def test_typed_image_marker_places_images_in_order(fmt, make_harness, loaded):
 
 @pytest.mark.parametrize("fmt", ["hf", "v0"])
 def test_typed_image_marker_of_an_image_without_positions_takes_nothing(fmt, make_harness, loaded):
-    """"Embed all" off: the first image has no positions; its <image> is not given to the second image."""
+    """"Embed all" off: once a later message brings an image, the earlier message's images have no
+    positions; their typed <image> markers are not given to any other image."""
+    harness = make_harness(fmt)
+    first, second, third = image(70, 45, seed=1), image(40, 60, seed=2), image(50, 50, seed=3)
+    harness.send("Left <image> and right <image>: which is brighter?", [first, second])
+    expected_prompt = instruct_prompt(fmt, [("Left <image> and right <image>: which is brighter?", None)])
+    assert marked(last_prompt(harness)) == expected_prompt
+    assert_generate_matches(last_call(harness),
+                            loaded(fmt).prepare(expected_prompt, [first, second], add_bos=ADD_BOS[fmt]))
+    reply = "The right one."  # a random model may say nothing, and webui leaves an empty reply out
+    harness.history["internal"][-1][1] = harness.history["visible"][-1][1] = reply
+
+    harness.send("And <image> this one?", [third])
+    expected_prompt = instruct_prompt(fmt, [("Left  and right : which is brighter?", reply),
+                                            ("And <image> this one?", None)])
+    assert marked(last_prompt(harness)) == expected_prompt
+    assert_generate_matches(last_call(harness), loaded(fmt).prepare(expected_prompt, [third], add_bos=ADD_BOS[fmt]))
+    assert "image1.png, image2.png (from an earlier message) are not shown to the model" in visible_reply(harness)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fewer_typed_markers_than_images_keep_the_order_sent(fmt, make_harness, loaded):
     harness = make_harness(fmt)
     first, second = image(70, 45, seed=1), image(40, 60, seed=2)
-    harness.send("Left <image> and right <image>: which is brighter?", [first, second])
-    expected_prompt = instruct_prompt(fmt, [("Left  and right <image>: which is brighter?", None)])
+    harness.send("Only <image> here, then more.", [first, second])
+    placed = {"v0": "Only <image> here, then more.\n<image>"}.get(fmt, "<image>\nOnly <image> here, then more.")
+    expected_prompt = instruct_prompt(fmt, [(placed, None)])
     assert marked(last_prompt(harness)) == expected_prompt
-    assert_generate_matches(last_call(harness), loaded(fmt).prepare(expected_prompt, [second], add_bos=ADD_BOS[fmt]))
-
-    harness.send("Only <image> here, then more.", [first, second])  # fewer markers than images
-    prompt = marked(last_prompt(harness))
-    assert len(slots_in(last_prompt(harness))) == 1 and slots_in(last_prompt(harness))[0][1] == (40, 60)
-    assert_generate_matches(last_call(harness), loaded(fmt).prepare(prompt, [second], add_bos=ADD_BOS[fmt]))
+    assert [size for _, size in slots_in(last_prompt(harness))] == [(70, 45), (40, 60)]
+    assert_generate_matches(last_call(harness),
+                            loaded(fmt).prepare(expected_prompt, [first, second], add_bos=ADD_BOS[fmt]))
 
 
 @pytest.mark.parametrize("fmt, setting, expected_user", [
@@ -423,7 +444,7 @@ def test_past_image_only_message_keeps_its_image_when_embedding_all(make_harness
     harness.send("", [first])
     reply = harness.history["internal"][-1][1].strip()
     harness.send("And this one?", [second])
-    expected_prompt = instruct_prompt("hf", [("<image>", reply), ("<image>\nAnd this one?", None)])
+    expected_prompt = instruct_prompt("hf", [("<image>\n", reply), ("<image>\nAnd this one?", None)])
     assert marked(last_prompt(harness)) == expected_prompt
     assert_generate_matches(last_call(harness), loaded("hf").prepare(expected_prompt, [first, second], add_bos=True))
 

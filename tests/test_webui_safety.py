@@ -343,7 +343,7 @@ def test_unload_then_another_model_reloads_vision(make_harness, loaded, caplog):
     (tokenizer_call,) = hook_calls(harness, "tokenizer_modifier", start)
     prompt, ids, embeds = tokenizer_call.result
     assert marked(prompt) == instruct_prompt("v15", [("<image>\nAnd this?", None)])
-    expected = entry.prepare(marked(prompt), [picture], add_bos=False)
+    expected = entry.prepare(marked(prompt), [picture], add_bos=True)  # no BOS text: the tokenizer's BOS
     assert ids.tolist() == expected.input_ids.tolist()
     torch.testing.assert_close(embeds, expected.inputs_embeds, atol=0, rtol=0)
 

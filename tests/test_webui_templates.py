@@ -24,10 +24,10 @@ from modules import shared  # noqa: E402
 from modules.models_settings import CUSTOM_TEMPLATE_NAME, get_model_metadata  # noqa: E402
 
 EXPECTED = {
-    "hf": llava_templates.adapt_hf_template(LLAVA_15_HF_CHAT_TEMPLATE),
-    "hf5": llava_templates.adapt_hf_template(LLAVA_15_HF_CHAT_TEMPLATE),
-    "v15": llava_templates.LLAVA_V1,
-    "v0": llava_templates.LLAVA_V0,
+    "hf": llava_templates.adapt_chat_template(LLAVA_15_HF_CHAT_TEMPLATE, "<image>"),
+    "hf5": llava_templates.adapt_chat_template(LLAVA_15_HF_CHAT_TEMPLATE, "<image>"),
+    "v15": llava_templates.WEBUI_TEMPLATES["llava_v1"],
+    "v0": llava_templates.WEBUI_TEMPLATES["llava_v0"],
 }
 
 
@@ -59,7 +59,7 @@ def test_a_folder_name_is_matched_exactly(make_harness, tiny_checkpoints, tmp_pa
     shared.user_config = {}
     harness.extension._install_instruction_templates()
     assert set(shared.user_config) == {r"llava\-v1\.5\-7b$", r"llava\-v1\.5\-7b\-extra$"}
-    assert get_model_metadata("llava-v1.5-7b")["instruction_template_str"] == llava_templates.LLAVA_V1
+    assert get_model_metadata("llava-v1.5-7b")["instruction_template_str"] == llava_templates.WEBUI_TEMPLATES["llava_v1"]
     assert get_model_metadata("llava-v1x5-7b")["instruction_template"] != CUSTOM_TEMPLATE_NAME
 
 
@@ -86,5 +86,5 @@ def test_webui_renders_the_registered_template_into_the_prompt(fmt, make_harness
     from modules.chat import get_stopping_strings
 
     expected_stops = {"hf": {" USER:", " ASSISTANT:"}, "v15": {" ASSISTANT:", "</s>"},
-                      "v0": {"\n### Human:", "\n### Assistant:"}}[fmt]
+                      "v0": {"###Human:", "###Assistant:"}}[fmt]
     assert set(get_stopping_strings(harness.ui_state())) == expected_stops

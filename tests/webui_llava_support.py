@@ -34,15 +34,17 @@ V1_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 V0_SYSTEM = (
-    "You are LLaVA, a large language and vision assistant trained by UW Madison WAIV Lab. You are able to "
-    "understand the visual content that the user provides, and assist the user with a variety of tasks using "
-    "natural language. Follow the instructions carefully and explain your answers in detail."
+    "You are LLaVA, a large language and vision assistant trained by UW Madison WAIV Lab."
+    "You are able to understand the visual content that the user provides, and assist the user with a "
+    "variety of tasks using natural language."
+    "Follow the instructions carefully and explain your answers in detail."
 )
 
 
-# ``add_bos`` for LlavaPipeline.prepare: whether BOS is added in front of the prompt text. llava-hf prompts
-# carry no BOS text (webui's encode keeps the one its tokenizer adds); the v1 and v0 templates write "<s>".
-ADD_BOS = {"hf": True, "hf5": True, "v15": False, "v0": False}
+# ``add_bos`` for LlavaPipeline.prepare: whether BOS is added in front of the prompt text. No template writes a
+# BOS text for these checkpoints (llava-1.5-hf's has none; the original formats have none either), and the
+# tiny tokenizer adds one by itself, as their references tokenize.
+ADD_BOS = {"hf": True, "hf5": True, "v15": True, "v0": True}
 
 
 def image(width: int, height: int, seed: int = 0):
@@ -53,33 +55,33 @@ def instruct_prompt(fmt: str, turns, *, system: str | None = None) -> str:
     """The instruct prompt webui renders with the extension's template for ``fmt``, images as ``<image>``.
 
     ``turns``: ``[(user_text, assistant_text_or_None), ...]``; a final ``None`` reply is the generation prompt.
-    Written out from the checkpoint families' formats (llava-1.5-hf chat template, LLaVA v1 ``two`` style
-    with BOS, webui's "LLaVA" v0 template with BOS), not from the extension's templates.
+    Written out from the checkpoint families' formats: the llava-1.5-hf chat template, and original LLaVA's
+    ``Conversation.get_prompt`` (tests/original_llava.py: llava_v1 for v15, the v0-era format for v0),
+    not from the extension's templates.
     """
     if fmt in ("hf", "hf5"):
-        out = ""
+        # llava-1.5-hf: "<image>\n" per image part, then each text part + " " (an image-only message has none).
+        out = "" if system is None else f"{system} "
         for user, reply in turns:
-            out += f"USER: {user} "
+            out += f"USER: {user}" + ("" if user and not user.replace("<image>\n", "") else " ")
             out += "ASSISTANT:" if reply is None else f"ASSISTANT: {reply} "
         return out
-    if fmt == "v15":
-        out = "<s>" + (system if system is not None else V1_SYSTEM) + " "
+    if fmt in ("v15", "v0"):
+        import original_llava
+
+        conversation = original_llava.conversation("llava_v1" if fmt == "v15" else "llava_v0", system)
         for user, reply in turns:
-            out += f"USER: {user} "
-            out += "ASSISTANT:" if reply is None else f"ASSISTANT: {reply}</s>"
-        return out
-    if fmt == "v0":
-        out = "<s>" + (system if system is not None else V0_SYSTEM) + "\n"
-        for user, reply in turns:
-            out += f"### Human: {user}\n"
-            out += "### Assistant:" if reply is None else f"### Assistant: {reply}\n"
-        return out
+            conversation.messages += [[conversation.roles[0], user], [conversation.roles[1], reply]]
+        return conversation.get_prompt()
     raise ValueError(fmt)
 
 
+IMAGE_NEWLINE = "\ue002"  # the newline after / before an image in webui prompts (llava_chat)
+
+
 def marked(prompt: str, marker: str = "<image>") -> str:
-    """A prompt with every image slot written as ``marker``."""
-    return SLOT_PATTERN.sub(marker, prompt)
+    """A prompt with every image slot written as ``marker`` and image newlines as newlines."""
+    return SLOT_PATTERN.sub(marker, prompt).replace(IMAGE_NEWLINE, "\n")
 
 
 def slots_in(prompt: str) -> list[tuple[int, tuple[int, int]]]:

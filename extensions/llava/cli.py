@@ -114,12 +114,11 @@ def run(args) -> str:
         prompt_text = render_hf_chat(model_dir, tokenizer, args.prompt, len(images), marker)
     else:
         template = TEMPLATES[spec.template]
-        question = place_images(args.prompt, len(images), spec.default_placement)
+        question = place_images(args.prompt, [marker] * len(images), spec.default_placement, marker)
         prompt_text = render_conversation(template, [(template.roles[0], question), (template.roles[1], None)])
+    # BOS as the checkpoint's reference tokenizes this prompt (webui's path uses the same rule).
+    prompt_text, add_bos = pipeline.reference_prompt(prompt_text, tokenizer)
     parts = split_on_marker(prompt_text, len(images), markers)
-    # The reference tokenizes with the tokenizer's own special tokens (BOS); a template that already
-    # starts with the BOS text must not get a second one.
-    add_bos = not (tokenizer.bos_token and prompt_text.startswith(tokenizer.bos_token))
     prepared = pipeline.prepare(parts, images, tokenizer, model.get_input_embeddings(), add_bos=add_bos)
 
     if args.seed is not None:
@@ -195,19 +194,24 @@ def read_image_source(source: str):
 
 
 def render_hf_chat(model_dir: Path, tokenizer, question: str, images: int, marker: str) -> str:
-    """The checkpoint's own chat template (``chat_template.json`` / ``.jinja`` or the tokenizer's)."""
-    import json
+    """The checkpoint's own chat template (``chat_template.jinja`` / ``.json`` or the tokenizer's), given the
+    message in the content shape it renders (llava_templates.content_shapes): image parts and a text part
+    for a template that renders image parts, else the text with ``marker + "\\n"`` per image before it."""
+    import llava_templates
+    from llava_prompt import place_images
 
-    template = None
-    if (model_dir / "chat_template.jinja").is_file():
-        template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    elif (model_dir / "chat_template.json").is_file():
-        template = json.loads((model_dir / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
-    content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": question}]
-    messages = [{"role": "user", "content": content}]
-    if template is None and getattr(tokenizer, "chat_template", None) is None:
+    template = llava_templates.checkpoint_chat_template(model_dir)
+    if template is None:
         logger.warning("%s has no chat template; using the llava-1.5 prompt format", model_dir.name)
-        return f"USER: {(marker + chr(10)) * images}{question} ASSISTANT:"
+        return f"USER: {place_images(question, [marker] * images, 'before', marker)} ASSISTANT:"
+    shapes = llava_templates.content_shapes(
+        template, marker, bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
+    if shapes is not None and shapes["user"] == "images":
+        content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": question}]
+    else:
+        text = place_images(question, [marker] * images, "before", marker)
+        content = text if shapes is not None and shapes["user"] == "string" else [{"type": "text", "text": text}]
+    messages = [{"role": "user", "content": content}]
     return tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
 
 

@@ -2,10 +2,12 @@
 
 webui marks images with the literal ``<__media__>`` (several tokens, forgeable by typing it). The
 extension builds the chat prompt itself and writes each image as an unforgeable *slot*:
-``SLOT_OPEN + "<index>:<width>x<height>" + SLOT_CLOSE`` with two private-use characters that are
-removed from everything a user sends. ``index`` points into the request's image list; the size lets a
-prompt string alone be counted exactly (LLaVA-NeXT token counts depend on it). A slot cut by webui's
-truncation is an incomplete fragment and counts as nothing.
+``SLOT_OPEN + "<index>:<width>x<height>" + SLOT_CLOSE`` with private-use characters that are removed from
+everything a user sends. ``index`` points into the request's image list; the size lets a prompt string
+alone be counted exactly (LLaVA-NeXT token counts depend on it). A slot cut by webui's truncation is an
+incomplete fragment and counts as nothing. The newline that separates an image from its message's text
+(``"<image>\\n" + text``) is written as ``IMAGE_NEWLINE``, because webui strips every message text and an
+image-only message would otherwise lose it; it becomes ``"\\n"`` when the prompt is tokenized.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from llava_prompt import IMAGE_MARKER, ImageRef, Part
+from llava_prompt import IMAGE_MARKER, ImageRef, Part, place_images
 
 MEDIA_MARKER = "<__media__>"
 SLOT_OPEN = "\ue000"
 SLOT_CLOSE = "\ue001"
+IMAGE_NEWLINE = "\ue002"
+# Every private-use character the extension gives a meaning in prompts (U+E003: llava_templates).
+_RESERVED = re.compile("[\ue000-\ue003]")
 _SLOT = re.compile(f"{SLOT_OPEN}(\\d+):(\\d+)x(\\d+){SLOT_CLOSE}")
-_RESERVED = re.compile(f"[{SLOT_OPEN}{SLOT_CLOSE}]")
 # What truncation can leave of a slot: an opening without its closing character, with whatever part of
 # "index:WxH" survived (webui's bisect keeps a prefix of the message; template text follows it).
 _FRAGMENT = re.compile(f"{SLOT_OPEN}\\d*(?::\\d*(?:x\\d*)?)?|^[\\d:x]*{SLOT_CLOSE}")
@@ -41,40 +45,11 @@ def has_slots(prompt: str) -> bool:
 
 def place_slots(text: str, slots: Sequence[str], placement: str, marker: str = IMAGE_MARKER,
                 separator: str = "\n") -> str:
-    """A message's text with its image slots placed.
-
-    ``<image>`` typed in the text takes the message's images in order; images left over go where the
-    checkpoint family was trained to see them: ``before`` -> ``slots + "\\n" + text`` (LLaVA v1+),
-    ``after`` -> ``text + "\\n" + slots`` (v0). ``separator`` replaces that ``"\\n"`` for families whose
-    chat template writes something else between an image and its text (nothing for Aya Vision and
-    Pixtral: ``llava_family.Family.image_text_separator``). ``<image>`` markers beyond the image count stay text.
-    The images always appear in the order given: with fewer markers than images, the markers take the
-    last images under ``before`` and the first ones under ``after``.
-    """
-    if placement not in ("before", "after"):
-        raise ValueError(f"placement must be 'before' or 'after', got {placement!r}")
-    if not slots:
-        return text
-    remaining = list(slots)
-    if marker in text:
-        pieces = text.split(marker)
-        # The prompt must show a message's images in the order they were sent: with fewer typed markers
-        # than images, the ones left over go in front of the text under "before", so there the markers
-        # take the last images (and under "after" the first ones).
-        typed = min(len(pieces) - 1, len(remaining))
-        first = len(remaining) - typed if placement == "before" else 0
-        taken, remaining = remaining[first:first + typed], remaining[:first] + remaining[first + typed:]
-        rebuilt = pieces[0]
-        for piece in pieces[1:]:
-            rebuilt += (taken.pop(0) if taken else marker) + piece
-        text = rebuilt
-    remaining = [s for s in remaining if s]  # "" stands for an image without a slot
-    if not remaining:
-        return text
-    joined = "".join(remaining)
-    if not text.strip():
-        return joined
-    return f"{joined}{separator}{text}" if placement == "before" else f"{text}{separator}{joined}"
+    """A message's text with its image slots placed (``llava_prompt.place_images``, newlines as
+    ``IMAGE_NEWLINE``); ``""`` in ``slots`` stands for an image without a slot. ``separator`` is what
+    the family's chat template writes between an image and its text (``llava_family.Family.
+    image_text_separator``): ``"\n"`` is written as ``IMAGE_NEWLINE``, anything else as it is."""
+    return place_images(text, slots, placement, marker, newline=IMAGE_NEWLINE if separator == "\n" else separator)
 
 
 @dataclass
@@ -102,14 +77,19 @@ def parse_slots(prompt: str) -> ParsedPrompt:
 
 
 def _append_text(parsed: ParsedPrompt, text: str) -> None:
-    text = neutralize(_FRAGMENT.sub("", text))
+    text = _plain(text)
     if text:
         parsed.parts.append(text)
 
 
 def strip_slots(prompt: str) -> str:
     """The prompt with every slot and fragment removed (the text-only fallback)."""
-    return neutralize(_FRAGMENT.sub("", _SLOT.sub("", prompt)))
+    return _plain(_SLOT.sub("", prompt))
+
+
+def _plain(text: str) -> str:
+    """Prompt text around the slots: fragments dropped, image newlines written as newlines."""
+    return neutralize(_FRAGMENT.sub("", text).replace(IMAGE_NEWLINE, "\n"))
 
 
 def strip_media_run(text: str, count: int) -> str | None:

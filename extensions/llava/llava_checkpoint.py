@@ -266,6 +266,8 @@ def default_template_name(dir_name: str, fmt: str, text_model_type: str) -> str:
     we prefer the config's model type and fall back to the name only to tell v1 variants apart)."""
     if fmt == "v0":
         return "llava_v0"
+    if "llama-2" in dir_name.lower() or "llama_2" in dir_name.lower():  # llava-llama-2-13b-chat-lightning-preview
+        return "llava_llama_2"
     if text_model_type == "mistral" or "mistral" in dir_name.lower():
         return "mistral_instruct"
     if "34b" in dir_name.lower():

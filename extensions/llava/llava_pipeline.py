@@ -345,6 +345,27 @@ class LlavaPipeline:
         candidates = [tokenizer.unk_token_id, *range(len(tokenizer))]
         return next(int(c) for c in candidates if c is not None and c not in avoid)
 
+    def reference_prompt(self, prompt: str, tokenizer) -> tuple[str, bool]:
+        """``(text, add_bos)``: the prompt text to tokenize and whether a BOS id goes in front of it, as
+        this checkpoint's reference tokenizes a prompt string (the same for every caller, whatever
+        webui's "Add the bos_token" setting says).
+
+        llava-hf, as ``processor.apply_chat_template(..., tokenize=True)``: a prompt that starts with the
+        BOS text is tokenized as it is, without special tokens; any other gets what the tokenizer adds by
+        itself (its BOS, or nothing). Original formats, as ``conv.get_prompt()`` + ``tokenizer_image_token``:
+        the prompt has no BOS text and the tokenizer's own BOS comes once, in front. A BOS written as text
+        (a webui instruction template) stands for that BOS: the text is removed and one BOS id goes in
+        front, so that the first word tokenizes as the start of the prompt, as in the original (``▁A``, not
+        ``A``, under ``legacy: false``).
+        """
+        bos_text = getattr(tokenizer, "bos_token", None) or ""
+        starts_with_bos = bool(bos_text) and prompt.startswith(bos_text)
+        if self.spec.format == "hf":
+            return prompt, not starts_with_bos and tokenizer_adds_bos(tokenizer)
+        if starts_with_bos:
+            return prompt[len(bos_text):], tokenizer.bos_token_id is not None
+        return prompt, tokenizer_adds_bos(tokenizer)
+
     def tokenize(
         self, parts: Sequence[Part], tokenizer, *, add_bos: bool, image_sizes: Sequence[tuple[int, int]] | None = None
     ) -> TokenizedPrompt:
@@ -533,6 +554,16 @@ class LlavaPipeline:
 def images_in(parts: Sequence[Part]) -> int:
     """How many image slots a prompt's parts hold."""
     return sum(isinstance(part, ImageRef) for part in parts)
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer(text)`` (special tokens on) starts with the BOS id, as the references' tokenization
+    does whenever the tokenizer is configured to add it."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos_id
 
 
 def _single_token_id(tokenizer, text: str) -> int:

@@ -210,10 +210,18 @@ LLAVA_V0_MM_SYSTEM = (
     "variety of tasks using natural language."
     "Follow the instructions carefully and explain your answers in detail."
 )
+LLAVA_LLAMA_2_SYSTEM = (
+    "You are a helpful language and vision assistant. "
+    "You are able to understand the visual content that the user provides, "
+    "and assist the user with a variety of tasks using natural language."
+)
 
 
 @dataclass(frozen=True)
 class ConversationTemplate:
+    """One ``Conversation`` of llava/conversation.py. ``system_prefix + system`` is the original's
+    ``system`` string (chatml keeps its ``<|im_start|>system\\n`` when a chat brings its own system text)."""
+
     name: str
     system: str
     roles: tuple[str, str]
@@ -221,6 +229,7 @@ class ConversationTemplate:
     sep: str
     sep2: str = ""
     few_shot: tuple[tuple[str, str], ...] = ()
+    system_prefix: str = ""
 
     @property
     def stop_string(self) -> str:
@@ -235,31 +244,38 @@ TEMPLATES = {
         few_shot=(("Human", "Hi!"), ("Assistant", "Hi there!  How can I help you today?\n")),
     ),
     "llava_v1": ConversationTemplate("llava_v1", LLAVA_SYSTEM, ("USER", "ASSISTANT"), "two", " ", "</s>"),
+    "llava_llama_2": ConversationTemplate(
+        "llava_llama_2", LLAVA_LLAMA_2_SYSTEM, ("USER", "ASSISTANT"), "llama_2", "<s>", "</s>",
+    ),
     "mistral_instruct": ConversationTemplate("mistral_instruct", "", ("USER", "ASSISTANT"), "llama_2", "", "</s>"),
     "chatml_direct": ConversationTemplate(
-        "chatml_direct", "<|im_start|>system\nAnswer the questions.",
-        ("<|im_start|>user\n", "<|im_start|>assistant\n"), "mpt", "<|im_end|>",
+        "chatml_direct", "Answer the questions.", ("<|im_start|>user\n", "<|im_start|>assistant\n"), "mpt",
+        "<|im_end|>", system_prefix="<|im_start|>system\n",
     ),
 }
 
 
-def render_conversation(template: ConversationTemplate, messages: Sequence[tuple[str, str | None]]) -> str:
-    """Render ``[(role, text), ...]`` the way ``Conversation.get_prompt`` does; a last message of ``None``
-    text is the open assistant turn (the generation prompt)."""
+def render_conversation(
+    template: ConversationTemplate, messages: Sequence[tuple[str, str | None]], system: str | None = None
+) -> str:
+    """Render ``[(role, text), ...]`` the way ``Conversation.get_prompt`` does; a message whose text is
+    empty or ``None`` renders as its bare role (the last one is the open assistant turn, the generation
+    prompt). ``system`` replaces the template's system text."""
+    system_text = template.system_prefix + (template.system if system is None else system)
     messages = list(template.few_shot) + list(messages)
     if template.style == "single":
-        out = template.system + template.sep
+        out = system_text + template.sep
         for role, text in messages:
             out += f"{role}: {text}{template.sep}" if text else f"{role}:"
         return out
     if template.style == "two":
         seps = (template.sep, template.sep2)
-        out = template.system + seps[0]
+        out = system_text + seps[0]
         for i, (role, text) in enumerate(messages):
             out += f"{role}: {text}{seps[i % 2]}" if text else f"{role}:"
         return out
     if template.style == "mpt":
-        out = template.system + template.sep
+        out = system_text + template.sep
         for role, text in messages:
             out += f"{role}{text}{template.sep}" if text else role
         return out
@@ -268,24 +284,43 @@ def render_conversation(template: ConversationTemplate, messages: Sequence[tuple
         for i, (role, text) in enumerate(messages):
             if not text:
                 continue
-            if i == 0 and template.system:
-                text = f"<<SYS>>\n{template.system}\n<</SYS>>\n\n{text}"
+            if i == 0 and system_text:
+                text = f"<<SYS>>\n{system_text}\n<</SYS>>\n\n{text}"
             out += f"{template.sep}[INST] {text} [/INST]" if i % 2 == 0 else f" {text} {template.sep2}"
+        # get_prompt ends with ret.lstrip(sep): the leading "<s>" of llava_llama_2 goes (characters, not prefix).
         return out.lstrip(template.sep) if template.sep else out
     raise ValueError(f"unknown template style {template.style!r}")
 
 
-def place_images(question: str, images: int, placement: str) -> str:
-    """The first user message with ``images`` markers where the checkpoint family was trained to see them.
+def place_images(
+    text: str, images: Sequence[str], placement: str, marker: str = IMAGE_MARKER, newline: str = "\n"
+) -> str:
+    """A user message's text with its images placed; each entry of ``images`` is the text standing for
+    one image (``marker`` itself, or an image slot), ``""`` for an image that takes no place.
 
-    ``before`` (v1+): ``"<image>\\n" + question`` (llava/eval/run_llava.py); ``after`` (v0):
-    ``question + "\\n" + <image>``. Markers already typed in the question are left as they are.
+    ``marker`` typed in the text takes the message's images in order; images left over go where the
+    checkpoint family was trained to see them: ``before`` -> ``image + newline`` per image, then the text
+    (LLaVA v1+: ``"<image>\\n" + text``), ``after`` -> the text, then ``newline + image`` per image (v0).
+    Markers beyond the image count stay text. The images always appear in the order given: with fewer
+    markers than images, the markers take the last images under ``before`` and the first ones under
+    ``after``. ``newline`` is ``"\\n"`` in plain prompts; webui prompts use a character that survives
+    webui's ``strip()`` of message texts (llava_chat.IMAGE_NEWLINE).
     """
-    if images == 0 or IMAGE_MARKER in question:
-        return question
-    marker = IMAGE_MARKER * images
+    if placement not in ("before", "after"):
+        raise ValueError(f"placement must be 'before' or 'after', got {placement!r}")
+    if not images:
+        return text
+    remaining = list(images)
+    if marker in text:
+        pieces = text.split(marker)
+        typed = min(len(pieces) - 1, len(remaining))
+        first = len(remaining) - typed if placement == "before" else 0
+        taken, remaining = remaining[first:first + typed], remaining[:first] + remaining[first + typed:]
+        rebuilt = pieces[0]
+        for piece in pieces[1:]:
+            rebuilt += (taken.pop(0) if taken else marker) + piece
+        text = rebuilt
+    remaining = [image for image in remaining if image]
     if placement == "before":
-        return f"{marker}\n{question}"
-    if placement == "after":
-        return f"{question}\n{marker}"
-    raise ValueError(f"placement must be 'before' or 'after', got {placement!r}")
+        return "".join(image + newline for image in remaining) + text
+    return text + "".join(newline + image for image in remaining)

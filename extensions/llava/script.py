@@ -345,20 +345,11 @@ def _install_instruction_templates() -> None:
 
 
 def _template_for(spec, folder: Path, llava_templates) -> str | None:
-    import json
-
+    """The original conversation format of an original checkpoint; a llava-hf checkpoint's own chat
+    template, adapted to the content shape it renders (None without one: webui's default applies)."""
     if spec.format != "hf":
         return llava_templates.WEBUI_TEMPLATES.get(spec.template)
-    for candidate in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
-        path = folder / candidate
-        if not path.is_file():
-            continue
-        if candidate.endswith(".jinja"):
-            return llava_templates.adapt_hf_template(path.read_text(encoding="utf-8"))
-        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-        if isinstance(template, str):
-            return llava_templates.adapt_hf_template(template)
-    return None
+    return llava_templates.adapt_checkpoint_template(folder, spec.image_token_text or "<image>")
 
 
 def ui():
@@ -519,21 +510,28 @@ def _slot_history(pipeline, user_input: str, state, kwargs):
             current_images = _ui_row_images(metadata, len(rows))
 
     every_image = [image for images in row_images for image in images] + current_images
+    # The message each image belongs to (row number; len(rows) for the current input).
+    owners = [row for row, images in enumerate(row_images) for _ in images] + [len(rows)] * len(current_images)
     first_new = len(every_image) - len(current_images)
     keep_all = bool(params["add_all_images_to_prompt"])
     limit = int(params["max_images_per_request"])
-    if keep_all and len(every_image) > limit:
-        message = (f"{len(every_image)} images in this chat exceed the limit of {limit} "
+    # With "embed all" every image of the chat is a candidate; without it, every image of the most recent
+    # message that has images. The others take no positions at all.
+    candidates = [p for p in range(len(every_image)) if keep_all or owners[p] == owners[-1]]
+    if len(candidates) > limit:
+        where = "in this chat" if keep_all else "in one message"
+        message = (f"{len(candidates)} images {where} exceed the limit of {limit} "
                    "(setting llava-max_images_per_request); only the most recent ones are used")
         if is_api:
             raise _ApiImageError(message)
         _notify(state, message)
-    # The most recent usable images get slots: all of them (up to the limit) with "embed all", else only
-    # the latest one; the others take no positions. Images are checked newest first, so a broken image
-    # is reported when it is sent and afterwards only skipped.
+    if current_images and not keep_all:
+        _say_left_out(state, is_api, every_image, owners)
+    # Candidates are checked newest first, up to the limit, so a broken image is reported when it is sent
+    # and afterwards only skipped.
     checked: dict[int, tuple[str, tuple[int, int]]] = {}  # position -> (content key, size)
-    for position in reversed(range(len(every_image))):
-        if len(checked) >= (limit if keep_all else 1):
+    for position in reversed(candidates):
+        if len(checked) >= limit:
             break
         name, source = every_image[position]
         is_new = position >= first_new
@@ -546,10 +544,6 @@ def _slot_history(pipeline, user_input: str, state, kwargs):
                 raise _ApiImageError(str(exc)) from exc
             if is_new:
                 _notify(state, f"{exc}; the rest of the message was answered")
-    skipped = [p for p in range(first_new, len(every_image)) if p not in checked and p < max(checked, default=-1)]
-    if skipped and not keep_all:
-        _notify(state, f"only the most recent image is shown to the model ({len(skipped)} earlier image(s) of this "
-                       "message skipped); tick \"Embed all images\" to include every image")
 
     images: list[list[str]] = []
     placement = _placement(pipeline)
@@ -590,6 +584,27 @@ def _slot_history(pipeline, user_input: str, state, kwargs):
     return new_input, new_history, images
 
 
+def _say_left_out(state, is_api: bool, every_image, owners) -> None:
+    """A new image message leaves the images of the previous image message out of the model's view
+    ("embed all" off): name the ones the model could see (decoded fine before). API clients get a log line;
+    the rule is documented for them and their reply text stays theirs."""
+    earlier = [p for p in range(len(every_image)) if owners[p] != owners[-1]]
+    if not earlier:
+        return
+    previous = [p for p in earlier if owners[p] == owners[earlier[-1]]]
+    names = [every_image[p][0] for p in previous if _sizes.get(_source_key(every_image[p][1])) is not None]
+    if not names:
+        return
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    message = (f"{shown} (from an earlier message) {'is' if len(names) == 1 else 'are'} not shown to the model: "
+               "only the images of the most recent message with images are; tick \"Embed all images\" to keep "
+               "every image")
+    if is_api:
+        logger.info("llava: %s", message)
+    else:
+        _notify(state, message)
+
+
 def custom_tokenized_length(prompt):
     """Prompt length with every image slot (or webui marker) counted as its real number of positions."""
     has_slots = llava_chat.has_slots(prompt)
@@ -600,45 +615,58 @@ def custom_tokenized_length(prompt):
         return None
     try:
         if not has_slots:
-            # Count tokens / chat-prompt paths: webui's own markers, sizes unknown.
-            size = (pipeline.tower.image_size, pipeline.tower.image_size)
-            if not params["add_all_images_to_prompt"]:
-                # Only the newest image (the last marker) will take positions; the other images' messages
-                # are sent as their text alone.
-                last = prompt.rfind(MEDIA_MARKER)
-                markers = f"(?:{re.escape(MEDIA_MARKER)})+"
-                head = re.sub(f"{markers}$", "", re.sub(f"{markers}\n\n", "", prompt[:last]))
-                prompt = head + prompt[last:]
-            prompt = prompt.replace(MEDIA_MARKER, llava_chat.slot(0, size))
-        parsed = llava_chat.parse_slots(prompt)
-        tokenized = pipeline.tokenize(parsed.parts, shared.tokenizer, add_bos=_add_bos(prompt, True),
-                                      image_sizes=parsed.sizes)
-        return len(tokenized.ids)
+            prompt = _slots_for_counting(pipeline, prompt)
+        text, add_bos = pipeline.reference_prompt(prompt, shared.tokenizer)
+        parsed = llava_chat.parse_slots(text)
+        return len(pipeline.tokenize(parsed.parts, shared.tokenizer, add_bos=add_bos, image_sizes=parsed.sizes).ids)
     except Exception:  # noqa: BLE001 - webui then counts the text itself
         logger.exception("llava: counting tokens failed")
         return None
 
 
-def _add_bos(prompt: str, add_bos_token: bool) -> bool:
-    """webui's encode(): BOS if asked *or* if the tokenizer adds it by itself (webui encodes with
-    add_special_tokens=True and never strips it, even with add_bos_token False, as in instruct mode),
-    unless the prompt text already starts with it (double-BOS filter)."""
-    bos = getattr(shared.tokenizer, "bos_token", None)
-    if bos and prompt.startswith(bos):
-        return False
-    return bool(add_bos_token) or _tokenizer_adds_bos()
+def _slots_for_counting(pipeline, prompt: str) -> str:
+    """A prompt webui built with its own markers (Count tokens, /v1/internal/chat-prompt; image sizes
+    unknown) written as the extension would place its images: each run of ``<__media__>`` + ``"\\n\\n"``
+    becomes one slot + image newline per image, at the tower's size. Without "embed all", only the last
+    run (the most recent message with images) keeps its images."""
+    size = (pipeline.tower.image_size, pipeline.tower.image_size)
+    runs = list(re.finditer(f"((?:{re.escape(MEDIA_MARKER)})+)(\n\n)?", prompt))
+    keep_all = bool(params["add_all_images_to_prompt"])
+    replacements = []
+    for number, run in enumerate(runs):
+        count = run.group(1).count(MEDIA_MARKER)
+        kept = keep_all or number == len(runs) - 1
+        text = "".join(llava_chat.slot(0, size) + llava_chat.IMAGE_NEWLINE for _ in range(count)) if kept else ""
+        replacements.append((run.start(), run.end(), text))
+    return llava_chat.replace_spans(prompt, replacements)
 
 
-def _tokenizer_adds_bos() -> bool:
+def _reference_text_ids(prompt: str, input_ids, state):
+    """webui's ids for a prompt without images, with the BOS the checkpoint's reference gives it (webui adds
+    one by its own setting, which a LLaVA prompt does not follow; see LlavaPipeline.reference_prompt)."""
+    pipeline = _vision.current()
     tokenizer = shared.tokenizer
-    bos_id = getattr(tokenizer, "bos_token_id", None)
-    if bos_id is None:
-        return False
-    try:
-        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    except Exception:  # noqa: BLE001 - an odd tokenizer: keep webui's add_bos_token answer
-        return False
-    return bool(ids) and ids[0] == bos_id
+    if pipeline is None or tokenizer is None or input_ids is None or input_ids.shape[-1] == 0:
+        return input_ids
+    text, add_bos = pipeline.reference_prompt(prompt, tokenizer)
+    if text != prompt:  # a BOS written as text was removed: the words after it tokenize differently
+        return _encode_reference(text, add_bos, state, like=input_ids)
+    bos_text, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if (not add_bos and bos_id is not None and int(input_ids[0, 0]) == bos_id
+            and not (bos_text and prompt.startswith(bos_text))):
+        return input_ids[:, 1:]
+    return input_ids
+
+
+def _encode_reference(text: str, add_bos: bool, state, like):
+    """``[1, n]`` ids of ``text`` (BOS in front if ``add_bos``), left-truncated as webui truncates, on ``like``'s device."""
+    import torch
+
+    tokenizer = shared.tokenizer
+    ids = ([tokenizer.bos_token_id] if add_bos else []) + tokenizer(text, add_special_tokens=False)["input_ids"]
+    max_length = int(state.get("truncation_length", len(ids))) - int(state.get("max_new_tokens", 0))
+    ids = ids[-max(1, max_length):]
+    return torch.tensor([ids], dtype=torch.long, device=like.device)
 
 
 def tokenizer_modifier(state, prompt, input_ids, input_embeds):
@@ -648,7 +676,7 @@ def tokenizer_modifier(state, prompt, input_ids, input_embeds):
         prompt = llava_chat.neutralize(prompt)
     has_slots = llava_chat.has_slots(prompt)
     if not has_slots and MEDIA_MARKER not in prompt and not state.get("raw_images"):
-        return prompt, input_ids, input_embeds  # text-only turn: nothing to do
+        return prompt, _reference_text_ids(prompt, input_ids, state), input_embeds  # text-only turn
     pipeline = _vision.current()
     if pipeline is None:
         if has_slots:  # cannot happen unless the model changed mid-request: drop the slots
@@ -662,11 +690,11 @@ def tokenizer_modifier(state, prompt, input_ids, input_embeds):
         return _splice(pipeline, state, prompt, input_ids)
     except EncodingCancelled:
         logger.info("llava: Stop pressed while encoding images; generation stops too")
-        return prompt, _text_only_ids(llava_chat.strip_slots(prompt), state, input_ids), None
+        return prompt, _text_only_ids(llava_chat.strip_slots(prompt), state, input_ids, pipeline), None
     except Exception as exc:  # noqa: BLE001 - answer without images rather than fail the request
         logger.exception("llava: image embedding failed")
         _notify(state, f"the images could not be processed ({_first_line(exc)}); answered without them")
-        return prompt, _text_only_ids(llava_chat.strip_slots(prompt), state, input_ids), None
+        return prompt, _text_only_ids(llava_chat.strip_slots(prompt), state, input_ids, pipeline), None
 
 
 def _splice(pipeline, state, prompt, input_ids):
@@ -679,6 +707,7 @@ def _splice(pipeline, state, prompt, input_ids):
         slot_prompt, images = _slots_for_raw_images(pipeline, state, prompt)
     else:
         slot_prompt, images = _slots_from_markers(pipeline, state, prompt)
+    slot_prompt, add_bos = pipeline.reference_prompt(slot_prompt, shared.tokenizer)
     parsed = llava_chat.parse_slots(slot_prompt)
     if any(index >= len(images) for index in parsed.image_indices):
         raise ValueError("an image slot points past the request's images")
@@ -694,8 +723,7 @@ def _splice(pipeline, state, prompt, input_ids):
     with torch.inference_mode():
         prepared = pipeline.prepare(
             parsed.parts, loaders, shared.tokenizer, embed, image_sizes=parsed.sizes, keys=keys,
-            add_bos=_add_bos(prompt, state.get("add_bos_token", True)),
-            max_length=max(1, max_length), should_stop=lambda: bool(shared.stop_everything),
+            add_bos=add_bos, max_length=max(1, max_length), should_stop=lambda: bool(shared.stop_everything),
         )
     if prepared.dropped_images:
         names = ", ".join(sources[i][0] for i in prepared.dropped_images)
@@ -731,11 +759,10 @@ def _slots_from_markers(pipeline, state, prompt):
     images, replacements = [], []
     for position, (number, start, end) in enumerate(found):
         entries = rows[number][1]
-        last_row = position == len(found) - 1
+        # Without "embed all" only the images of the most recent message with images count.
+        keep = keep_all or position == len(found) - 1
         slots = ""
-        for index, (name, source) in enumerate(entries):
-            # Without "embed all" only the most recent image (the last one of the last message) counts.
-            keep = keep_all or (last_row and index == len(entries) - 1)
+        for name, source in entries:
             if keep and _usable_source(state, name, source):
                 try:
                     key, size = _check_image(pipeline, name, source)
@@ -781,9 +808,12 @@ def _slots_for_raw_images(pipeline, state, prompt):
     return head + "".join(slots) + text[len(head):], images
 
 
-def _text_only_ids(text: str, state, fallback):
-    """Ids of the prompt without any image, for the fallback paths."""
+def _text_only_ids(text: str, state, fallback, pipeline=None):
+    """Ids of the prompt without any image, for the fallback paths: as the checkpoint's reference
+    tokenizes it when its pipeline is known, else as webui encodes it."""
     try:
+        if pipeline is not None:
+            return _encode_reference(*pipeline.reference_prompt(text, shared.tokenizer), state, like=fallback)
         from modules.text_generation import encode
 
         return encode(text, add_bos_token=state.get("add_bos_token", True))
