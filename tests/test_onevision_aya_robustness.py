@@ -108,3 +108,22 @@ def test_degenerate_images_go_through(tiny_onevision_checkpoints, tiny_aya_check
         prepared = pipeline.prepare(split_on_marker("<image> what?", 1), [picture], tokenizer, embed, add_bos=True)
         assert prepared.images_used == 1
         assert prepared.prompt.image_spans[0].feature_rows == pipeline.image_tokens(size)
+
+
+@pytest.mark.parametrize("family", ["onevision", "aya"])
+def test_vision_in_bfloat16_and_the_cache(family, tiny_onevision_checkpoints, tiny_aya_checkpoints, monkeypatch):
+    """The extension's precision settings apply to both modules (bf16 stays near fp32), and an image seen
+    before comes from the embedding cache without running the tower."""
+    from llava_pipeline import VisionSettings
+
+    folder = (tiny_onevision_checkpoints if family == "onevision" else tiny_aya_checkpoints).hub
+    picture = make_test_image(300, 200, seed=9)
+    exact = _load(folder).encode_images([picture])[0]
+    bf16 = LlavaPipeline.load(folder, VisionSettings(clip_device="cpu", projector_device="cpu", clip_bits="bf16",
+                                                     projector_bits="bf16"), lm_hidden_size=64)
+    assert next(bf16.tower.parameters()).dtype == next(bf16.projector.parameters()).dtype == torch.bfloat16
+    rows = bf16.encode_images([picture], keys=["picture"])[0]
+    assert rows.dtype == torch.bfloat16 and rows.shape == exact.shape
+    assert (rows.float() - exact).abs().max() <= 0.05 * exact.abs().max()
+    monkeypatch.setattr(bf16, "encode_pixels", lambda pixels: pytest.fail("the tower ran for a cached image"))
+    assert torch.equal(bf16.encode_images([lambda: pytest.fail("decoded again")], keys=["picture"])[0], rows)
