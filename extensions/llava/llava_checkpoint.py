@@ -1,19 +1,23 @@
 """Reading LLaVA checkpoints: format detection, the parsed spec, weight files, text-only LM loading.
 
-Three on-disk families are supported (details: shared docs `llava-formats.md` §2-§3):
+Three on-disk formats are supported (details: shared docs `llava-formats.md` §2-§3):
 
 * ``v0``  original LLaVA v0: a LLaMA config (model_type ``llama``) plus ``mm_*`` fields; the image is
   spelled in the prompt as ``<im_start>`` + N x ``<im_patch>`` + ``<im_end>`` (added vocabulary tokens).
 * ``v1``  original LLaVA 1.0 / 1.5 (liuhaotian): flat config, model_type ``llava`` / ``llava_llama`` /
   ``llava_mistral``; ``<image>`` in the prompt stands for N feature positions and is not a token.
-* ``hf``  llava-hf ``LlavaForConditionalGeneration``: ``text_config`` / ``vision_config``; ``<image>`` is a
+* ``hf``  the transformers layout (llava-hf ``LlavaForConditionalGeneration`` and the other families of
+  ``llava_family``): ``text_config`` / ``vision_config``; the image token (``<image>``, ``[IMG]``) is a
   vocabulary token (``image_token_index``) repeated N times.
+
+Which family a checkpoint belongs to (its tower, projector, image plan) is decided by ``llava_family``.
 
 Nothing here touches the GPU; tensors are read on the CPU, only the ones asked for.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -40,7 +44,6 @@ IM_END_TEXT = "<im_end>"
 
 # Model types written by the original LLaVA code for its flat configs.
 ORIGINAL_TEXT_MODEL_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
-HF_LLAVA_MODEL_TYPES = {"llava", "llava_next"}
 # transformers LlavaNextConfig default (read as (height, width) there).
 DEFAULT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
@@ -59,6 +62,7 @@ class LlavaSpec:
 
     model_dir: Path
     format: str  # "v0" | "v1" | "hf"
+    family: str  # a key of llava_family.FAMILIES: "llava", "llava_next", ...
     text_model_type: str  # "llama", "mistral", ...
     vision_tower_name: str | None  # hub id or path the config names (original formats)
     vision_in_checkpoint: bool  # tower weights are read from the checkpoint itself
@@ -76,6 +80,7 @@ class LlavaSpec:
     anyres: bool = False  # LLaVA-NeXT tiling (llava_next.py)
     grid_pinpoints: tuple = ()
     patch_merge_type: str = "flat"  # original: flat | spatial | spatial_unpad; llava-hf NeXT: spatial_unpad
+    vision_type: str | None = None  # the vision config's model_type (hf), None: from the tower's own config
     hf_config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     raw_config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -103,9 +108,11 @@ def read_raw_config(model_dir: str | os.PathLike) -> dict | None:
 
 def detect_format(config: dict) -> str | None:
     """Return "v0", "v1", "hf" or None (not a LLaVA checkpoint) for a raw ``config.json`` dict."""
+    import llava_family
+
     model_type = config.get("model_type")
     if "text_config" in config or "vision_config" in config:
-        return "hf" if model_type in HF_LLAVA_MODEL_TYPES else None
+        return "hf" if llava_family.family_for_config(config) is not None else None
     if "mm_vision_tower" not in config and "mm_hidden_size" not in config:
         return None
     if model_type in ORIGINAL_TEXT_MODEL_TYPES:
@@ -145,40 +152,46 @@ def read_llava_spec(model_dir: str | os.PathLike) -> LlavaSpec | None:
 
 
 def _read_hf_spec(model_dir: Path, config: dict) -> LlavaSpec:
+    """A transformers-layout config, read the way its family's config class reads it."""
+    import llava_family
+
+    family = llava_family.family_for_config(config)
     text_config = config.get("text_config") or {}
-    strategy = config.get("vision_feature_select_strategy", "default")
-    if strategy not in ("default", "full"):
-        raise CheckpointError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
+    if family.cls_rule == "strategy":
+        strategy = config.get("vision_feature_select_strategy", "default")
+        if strategy not in ("default", "full"):
+            raise CheckpointError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
+        keep_cls = strategy == "full"
+    else:  # "drop": the reference always cuts the CLS row; "none": the tower has none, nothing is cut
+        keep_cls = family.cls_rule == "none"
     image_token_id = config.get("image_token_index", config.get("image_token_id", 32000))
     processor = _read_json(model_dir / "processor_config.json") if (model_dir / "processor_config.json").is_file() else {}
-    is_next = config.get("model_type") == "llava_next"
-    if is_next and not config.get("use_image_newline_parameter", True):
-        raise CheckpointError("llava_next checkpoints without image_newline (use_image_newline_parameter false) are not supported")
-    return LlavaSpec(
+    fields = dict(
         model_dir=model_dir,
         format="hf",
-        text_model_type=text_config.get("model_type", "llama"),
+        family=family.name,
+        text_model_type=text_config.get("model_type", family.text_model_type),
         vision_tower_name=None,
         vision_in_checkpoint=True,
-        vision_feature_layers=_as_layers(config.get("vision_feature_layer", -2)),
-        keep_cls=strategy == "full",
-        projector_type="hf",
+        vision_feature_layers=_as_layers(config.get(family.feature_layer_key, family.default_feature_layer)),
+        keep_cls=keep_cls,
+        projector_type=family.projector_kind,
         projector_act=config.get("projector_hidden_act", "gelu"),
         projector_bias=bool(config.get("multimodal_projector_bias", True)),
         # llava-hf 1.5 ships a plain CLIPImageProcessor (resize + center crop); a LlavaImageProcessor with
         # do_pad pads to square like the original (llava-formats.md §1.1, §3.1).
         image_aspect_ratio="crop",
-        image_token_text=processor.get("image_token", IMAGE_TEXT),
+        image_token_text=processor.get("image_token", family.image_token_text),
         image_token_id=int(image_token_id),
         use_im_start_end=False,
         default_placement="before",
         template=None,
-        anyres=is_next,
-        grid_pinpoints=_pinpoints(config.get("image_grid_pinpoints", DEFAULT_GRID_PINPOINTS)) if is_next else (),
-        patch_merge_type="spatial_unpad" if is_next else "flat",
+        vision_type=(config.get("vision_config") or {}).get("model_type") or family.vision_types[0],
         hf_config=config,
         raw_config=config,
     )
+    fields.update(family.config_fields(config))
+    return LlavaSpec(**fields)
 
 
 def _read_original_spec(model_dir: Path, config: dict, fmt: str) -> LlavaSpec:
@@ -204,6 +217,7 @@ def _read_original_spec(model_dir: Path, config: dict, fmt: str) -> LlavaSpec:
     return LlavaSpec(
         model_dir=model_dir,
         format=fmt,
+        family="llava_next" if aspect == "anyres" else "llava",
         text_model_type=text_model_type,
         vision_tower_name=str(tower),
         vision_in_checkpoint=bool(config.get("unfreeze_mm_vision_tower", False)),
@@ -389,12 +403,18 @@ def text_config_for(model_dir: str | os.PathLike, raw_config: dict | None = None
     raw = dict(raw_config if raw_config is not None else read_raw_config(model_dir) or {})
     fmt = detect_format(raw)
     if fmt == "hf":
+        import llava_family
+
+        family = llava_family.family_for_config(raw)
         text = dict(raw.get("text_config") or {})
-        model_type = text.pop("model_type", "llama")
-        # Fields llava-hf configs keep at the top level but the text model needs.
-        for key in ("tie_word_embeddings",):
-            if key in raw and key not in text:
-                text[key] = raw[key]
+        model_type = text.pop("model_type", family.text_model_type)
+        # The reference ties lm_head to the embeddings when the *top-level* config says so (its
+        # PreTrainedModel reads config.tie_word_embeddings of the composite model); a key the file omits
+        # takes the family config class's default (Mistral3Config: True, LlavaConfig: False).
+        if "tie_word_embeddings" in raw:
+            text["tie_word_embeddings"] = raw["tie_word_embeddings"]
+        elif "tie_word_embeddings" not in text:
+            text["tie_word_embeddings"] = _config_class_default(family.config_class, "tie_word_embeddings", False)
         return AutoConfig.for_model(model_type, **text)
     if fmt in ("v0", "v1"):
         model_type = ORIGINAL_TEXT_MODEL_TYPES.get(raw.get("model_type"), raw.get("model_type", "llama"))
@@ -403,6 +423,17 @@ def text_config_for(model_dir: str | os.PathLike, raw_config: dict | None = None
         fields.pop("architectures", None)
         return AutoConfig.for_model(model_type, **fields)
     raise CheckpointError(f"{model_dir} is not a LLaVA checkpoint")
+
+
+def _config_class_default(class_name: str, key: str, fallback):
+    """The default of ``key`` in a transformers config class (dataclass fields in transformers 5)."""
+    import transformers
+
+    config_class = getattr(transformers, class_name, None)
+    fields = getattr(config_class, "__dataclass_fields__", {})
+    if key in fields and not isinstance(fields[key].default, type(dataclasses.MISSING)):
+        return fields[key].default
+    return getattr(config_class, key, fallback) if config_class is not None else fallback
 
 
 def _is_multimodal_field(key: str) -> bool:
@@ -474,10 +505,13 @@ def register_with_transformers() -> None:
     webui's Transformers loader uses ``AutoModelForCausalLM``, which refuses ``model_type: llava`` and
     whose ``AutoConfig`` refuses ``llava_llama`` / ``llava_mistral``. Registering is idempotent and cheap.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlavaConfig, LlavaNextConfig, MistralConfig
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    config_classes = [LlavaConfig, LlavaNextConfig]
+    import llava_family
+
+    config_classes = [getattr(transformers, family.config_class) for family in llava_family.FAMILIES.values()]
     for model_type, base in (("llava_llama", LlamaConfig), ("llava_mistral", MistralConfig)):
         if model_type in CONFIG_MAPPING:
             config_classes.append(CONFIG_MAPPING[model_type])

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llava_preprocess import anyres_resolution
+from llava_plan import ImagePlan, PlanContext, preprocess_config_for, read_image_newline
+from llava_preprocess import anyres_resolution, process_anyres_image
 
 
 @dataclass(frozen=True)
@@ -94,3 +95,52 @@ def pack_features(features, image_size: tuple[int, int], geometry: AnyresGeometr
         grid = torch.cat((grid, newline), dim=-1)
     packed = grid.flatten(1, 2).transpose(0, 1)
     return torch.cat((base, packed), dim=0)
+
+
+class AnyresPlan(ImagePlan):
+    """LLaVA-NeXT: a squashed base tile plus the tiles of the best canvas, all through the tower in one
+    batch; features packed by :func:`pack_features` (``spatial_unpad``) or simply concatenated (``flat``
+    / ``spatial`` without unpadding, original checkpoints)."""
+
+    fixed_tokens = False
+
+    def __init__(self, spec, preprocess_config, geometry: AnyresGeometry, image_newline):
+        super().__init__(spec)
+        self.preprocess_config = preprocess_config
+        self.geometry = geometry
+        self.image_newline = image_newline
+
+    @classmethod
+    def from_checkpoint(cls, context: PlanContext) -> "AnyresPlan":
+        spec, tower = context.spec, context.tower
+        newline = "unpad" in spec.patch_merge_type
+        geometry = AnyresGeometry(
+            grid_pinpoints=spec.grid_pinpoints,
+            tile=tower.image_size,
+            side=tower.image_size // tower.patch_size,
+            base_tokens=tower.tokens_per_image,
+            hf_semantics=spec.format == "hf",
+            unpad=newline,
+            newline=newline,
+        )
+        image_newline = read_image_newline(spec, context.projector) if newline else None
+        return cls(spec, preprocess_config_for(spec, context.source, tower), geometry, image_newline)
+
+    def preprocess(self, images):
+        return [process_anyres_image(image, self.preprocess_config, self.spec.grid_pinpoints,
+                                     hf_semantics=self.geometry.hf_semantics) for image in images]
+
+    def pack(self, projected, image_size):
+        if self.spec.patch_merge_type == "flat":
+            return projected.reshape(-1, projected.shape[-1])
+        return pack_features(projected, image_size, self.geometry, self.image_newline)
+
+    def layout(self, image_size):
+        return self.image_slot(self.geometry.tokens(image_size))
+
+    @property
+    def nominal_size(self):
+        return self.geometry.tile, self.geometry.tile
+
+    def describe(self) -> str:
+        return f"anyres, {self.geometry.base_tokens}+ tokens per image"

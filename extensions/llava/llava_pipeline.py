@@ -3,8 +3,10 @@
 Stages (one module each):
 
     llava_image_io    decode bytes / paths / data URLs into RGB PIL images, with limits
-    llava_preprocess  PIL image -> pixels [3, S, S], bit-identical to the reference PIL processors
-    llava_vision      pixels [B, 3, S, S] -> features [B, N, C] (truncated tower) -> [B, N, H_lm] (projector)
+    llava_family      which tower, projector and image plan a checkpoint's family uses
+    llava_plan        the family's image plan: PIL image -> pixels [tiles, 3, H, W] (bit-identical to the
+                      reference PIL processors), features -> rows [N, H_lm], and the image's token layout
+    llava_vision      pixels [B, 3, H, W] -> features [B, n, C] (truncated tower) -> [B, n', H_lm] (projector)
     llava_prompt      parts (text and image slots) -> token ids with image spans; truncation; templates
     this module       composes them: tokenize, encode (with a content-keyed cache), splice
 
@@ -18,27 +20,17 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
-import llava_checkpoint
+import llava_family
 import llava_image_io
-import llava_preprocess
 import llava_vision
-from llava_next import AnyresGeometry, pack_features
 from llava_cache import EmbeddingCache
-from llava_checkpoint import (
-    IM_END_TEXT,
-    IM_PATCH_TEXT,
-    IM_START_TEXT,
-    CheckpointError,
-    LlavaSpec,
-    read_llava_spec,
-    text_config_for,
-)
-from llava_prompt import ImageRef, ImageSpan, Part, TokenizedPrompt, truncate_left
+from llava_checkpoint import IM_END_TEXT, IM_PATCH_TEXT, IM_START_TEXT, CheckpointError, LlavaSpec, read_llava_spec, text_config_for
+from llava_plan import ImagePlan, PlanContext
+from llava_prompt import ImageRef, ImageSpan, Part, SlotLayout, TokenizedPrompt, truncate_left
 
 logger = logging.getLogger(__name__)
 
@@ -112,35 +104,26 @@ class PreparedInputs:
 
 
 class LlavaPipeline:
-    """The vision side of one LLaVA checkpoint, on its own devices and dtypes."""
+    """The vision side of one LLaVA-architecture checkpoint, on its own devices and dtypes.
+
+    ``plan`` (from the checkpoint's family, ``llava_family``) decides the pixels, the packing and the
+    token layout of every image; the tower and projector turn pixels into projected features.
+    """
 
     def __init__(
         self,
         spec: LlavaSpec,
         settings: VisionSettings,
-        tower: llava_vision.VisionTower,
-        projector: llava_vision.Projector,
-        preprocess_config: llava_preprocess.PreprocessConfig,
-        image_newline: torch.Tensor | None = None,
+        tower: torch.nn.Module,
+        projector: torch.nn.Module,
+        plan: ImagePlan,
     ):
         self.spec = spec
+        self.family = llava_family.family_of(spec)
         self.settings = settings
         self.tower = tower
         self.projector = projector
-        self.preprocess_config = preprocess_config
-        self.image_newline = image_newline
-        self.newline = "unpad" in spec.patch_merge_type
-        self.geometry = None
-        if spec.anyres:
-            self.geometry = AnyresGeometry(
-                grid_pinpoints=spec.grid_pinpoints,
-                tile=tower.image_size,
-                side=tower.image_size // tower.patch_size,
-                base_tokens=tower.tokens_per_image,
-                hf_semantics=spec.format == "hf",
-                unpad=self.newline,
-                newline=self.newline,
-            )
+        self.plan = plan
         self.cache = EmbeddingCache(int(settings.cache_mb * 1024 * 1024))
 
     # ------------------------------------------------------------------------------------------ loading
@@ -159,6 +142,7 @@ class LlavaPipeline:
         spec = read_llava_spec(model_dir)
         if spec is None:
             raise CheckpointError(f"{model_dir} is not a LLaVA checkpoint (no LLaVA fields in config.json)")
+        family = llava_family.family_of(spec)
         if lm_hidden_size is None:
             lm_hidden_size = text_config_for(spec.model_dir, spec.raw_config).hidden_size
         source = llava_vision.find_tower_source(spec, settings.vision_tower, models_dir)
@@ -167,17 +151,18 @@ class LlavaPipeline:
         tower, projector = llava_vision.load_vision_modules(
             spec,
             source,
+            tower_class=family.tower_class(source.vision_config.get("model_type")),
+            projector_class=family.projector,
             tower_device=tower_device,
             tower_dtype=llava_vision.resolve_dtype(settings.clip_bits, tower_device),
             projector_device=projector_device,
             projector_dtype=llava_vision.resolve_dtype(settings.projector_bits, projector_device),
             lm_hidden_size=lm_hidden_size,
         )
-        if settings.cuda_graphs and tower_device.type == "cuda":
+        plan = family.plan(PlanContext(spec, source, tower, projector))
+        if settings.cuda_graphs and tower_device.type == "cuda" and plan.fixed_pixels:
             tower.enable_cuda_graphs()
-        preprocess_config = _preprocess_config_for(spec, source, tower)
-        image_newline = _read_image_newline(spec, projector) if "unpad" in spec.patch_merge_type else None
-        return cls(spec, settings, tower, projector, preprocess_config, image_newline)
+        return cls(spec, settings, tower, projector, plan)
 
     def unload(self) -> None:
         """Release the modules and the cache (frees GPU memory when they live there)."""
@@ -198,31 +183,47 @@ class LlavaPipeline:
         return (
             f"{self.spec.model_dir.name} ({self.spec.format}): vision tower on {tower_param.device} "
             f"{str(tower_param.dtype).replace('torch.', '')}, projector on {projector_where}, "
-            + (f"anyres, {self.geometry.base_tokens}+ tokens per image" if self.geometry else f"{self.tokens_per_image} tokens per image")
+            + self.plan.describe()
         )
+
+    # The plan's parts, under the names tests and benchmarks used before plans existed.
+    @property
+    def preprocess_config(self):
+        return getattr(self.plan, "preprocess_config", None)
+
+    @property
+    def geometry(self):
+        return getattr(self.plan, "geometry", None)
+
+    @property
+    def image_newline(self):
+        return getattr(self.plan, "image_newline", None)
 
     # ------------------------------------------------------------------------------------------ geometry
 
     @property
     def tokens_per_image(self) -> int:
-        """Feature rows of one untiled image: (image_size / patch_size)², +1 when CLS is kept (+1 for
-        the newline of a single-tile image under ``spatial_unpad``). LLaVA-NeXT images vary: use
-        :meth:`image_tokens`."""
-        single_tile_newline = 1 if self.newline and not self.spec.anyres else 0
-        return self.tower.tokens_per_image + single_tile_newline
+        """Feature rows of one image of the tower's size (LLaVA-1.5: (image_size / patch_size)², +1 when CLS
+        is kept, +1 for the newline of a single-tile image under ``spatial_unpad``). Counts that vary with
+        the image size: :meth:`image_tokens`."""
+        return self.plan.layout(self.plan.nominal_size).feature_rows
 
     def image_tokens(self, image_size: tuple[int, int] | None) -> int:
-        """Feature rows for an image of ``(width, height)`` (the size is ignored unless anyres)."""
-        if self.geometry is None:
-            return self.tokens_per_image
-        if image_size is None:
-            raise ValueError("LLaVA-NeXT token counts depend on the image size")
-        return self.geometry.tokens(image_size)
+        """Feature rows for an image of ``(width, height)`` (the size is ignored by fixed-count plans)."""
+        return self.layout(image_size).feature_rows
 
     def prompt_positions(self, image_size: tuple[int, int] | None = None) -> int:
-        """Prompt positions one image takes, including v0's ``<im_start>`` / ``<im_end>``."""
-        extra = 2 if self.spec.use_im_start_end and self.spec.format != "hf" else 0
-        return self.image_tokens(image_size) + extra
+        """Prompt positions one image takes, including the ordinary tokens of its slot (v0's
+        ``<im_start>`` / ``<im_end>``, Pixtral's ``[IMG_BREAK]`` / ``[IMG_END]``)."""
+        return self.layout(image_size).positions
+
+    def layout(self, image_size: tuple[int, int] | None) -> SlotLayout:
+        """The token layout of an image of ``(width, height)``, from its size alone."""
+        if image_size is None:
+            if not self.plan.fixed_tokens:
+                raise ValueError(f"{self.family.name} token counts depend on the image size")
+            image_size = self.plan.nominal_size
+        return self.plan.layout(image_size)
 
     # ------------------------------------------------------------------------------------------ images
 
@@ -258,36 +259,32 @@ class LlavaPipeline:
                 images[i] = images[i]()
         if missing and should_stop is not None and should_stop():  # decoding large images takes a while too
             raise EncodingCancelled("image encoding was stopped")
-        if missing and self.geometry is None:
-            pixels = llava_preprocess.preprocess_batch([images[i] for i in missing], self.preprocess_config)
-            features = self.encode_pixels(pixels)
-            for row, index in enumerate(missing):
-                embedding = features[row]
-                if self.newline:  # a single-tile image under spatial_unpad ends with one newline row
-                    embedding = torch.cat((embedding, self.image_newline.to(embedding)[None]), dim=0)
-                results[index] = self._cache_fresh(keys[index], embedding)
-        elif missing:
-            tiled = [
-                llava_preprocess.process_anyres_image(
-                    images[i], self.preprocess_config, self.spec.grid_pinpoints, hf_semantics=self.geometry.hf_semantics
-                )
-                for i in missing
-            ]
-            features = self.encode_pixels(torch.cat(tiled))
-            offset = 0
-            for pixels, index in zip(tiled, missing):
-                per_tile = features[offset:offset + pixels.shape[0]]
-                offset += pixels.shape[0]
-                if self.spec.patch_merge_type == "flat":
-                    embedding = per_tile.reshape(-1, per_tile.shape[-1])
-                else:
-                    embedding = pack_features(per_tile, images[index].size, self.geometry, self.image_newline)
+        if missing:
+            fresh = [images[i] for i in missing]
+            for index, embedding in zip(missing, self._encode_fresh(fresh)):
                 results[index] = self._cache_fresh(keys[index], embedding)
         logger.info(
             "Encoded %d image(s) (%d from cache) in %.1f ms",
             len(images), len(images) - len(missing), (time.perf_counter() - started) * 1000,
         )
         return results  # type: ignore[return-value]
+
+    def _encode_fresh(self, images: Sequence[Any]) -> list[torch.Tensor]:
+        """RGB images -> their ``[N_i, H_lm]`` rows: the plan's pixels, the tower and projector once per
+        pixel shape (all tiles of all images together when the shapes are fixed), the plan's packing."""
+        pixels = self.plan.preprocess(images)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, tiles in enumerate(pixels):
+            by_shape.setdefault(tuple(tiles.shape[1:]), []).append(index)
+        projected: list[torch.Tensor | None] = [None] * len(pixels)
+        for members in by_shape.values():
+            batch = pixels[members[0]] if len(members) == 1 else torch.cat([pixels[i] for i in members])
+            features = self.encode_pixels(batch)
+            offset = 0
+            for index in members:
+                projected[index] = features[offset:offset + pixels[index].shape[0]]
+                offset += pixels[index].shape[0]
+        return [self.plan.pack(rows, image.size) for rows, image in zip(projected, images)]
 
     def _cache_fresh(self, key, embedding: torch.Tensor) -> torch.Tensor:
         """Store a CPU copy of a new ``[N, H]`` embedding; return the tensor this request splices.
@@ -308,13 +305,15 @@ class LlavaPipeline:
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels ``[B, 3, S, S]`` -> embeddings ``[B, (S / patch)² (+1 with CLS), H_lm]``."""
+        """pixels ``[B, 3, H, W]`` (one shape) -> projected features ``[B, n, H_lm]``: LLaVA-1.5
+        ``n = (S / patch)²`` (+1 with CLS); a projector that merges patches (Mistral 3) returns fewer."""
         tower_param = next(self.tower.parameters())
         features = self.tower(pixels.to(tower_param.device))
         projector_params = list(self.projector.parameters())
         if projector_params:
             features = features.to(device=projector_params[0].device, dtype=projector_params[0].dtype)
-        return self.projector(features)
+        grid = (pixels.shape[-2] // self.tower.patch_size, pixels.shape[-1] // self.tower.patch_size)
+        return self.projector(features, grid)
 
     # ------------------------------------------------------------------------------------------ prompt
 
@@ -357,23 +356,24 @@ class LlavaPipeline:
     def tokenize(
         self, parts: Sequence[Part], tokenizer, *, add_bos: bool, image_sizes: Sequence[tuple[int, int]] | None = None
     ) -> TokenizedPrompt:
-        """Token ids for ``parts`` with ``prompt_positions(image_sizes[i])`` positions for image ``i``.
+        """Token ids for ``parts``, image ``i`` laid out as ``layout(image_sizes[i])`` (its family's slot).
 
         v1 (original): the text between images is tokenized chunk by chunk, like LLaVA's
-        ``tokenizer_image_token`` (llava/mm_utils.py). v0 and llava-hf: the prompt is tokenized once with
-        each image spelled as its vocabulary tokens, as their references do; offsets tell our slots apart
-        from the same token text typed by a user, which stays plain text and never becomes an image.
+        ``tokenizer_image_token`` (llava/mm_utils.py). v0 and the transformers layout: the prompt is
+        tokenized once with each image spelled as its vocabulary tokens, as their references do; offsets
+        tell our slots apart from the same token text typed by a user, which stays plain text and never
+        becomes an image.
         """
         bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
-        if self.geometry is not None and image_sizes is None:
-            raise ValueError("LLaVA-NeXT prompts need the image sizes to count image tokens")
-        counts = {}
+        if not self.plan.fixed_tokens and image_sizes is None:
+            raise ValueError(f"{self.family.name} prompts need the image sizes to count image tokens")
+        layouts = {}
         for part in parts:
             if isinstance(part, ImageRef):
-                counts[part.index] = self.image_tokens(image_sizes[part.index] if image_sizes is not None else None)
+                layouts[part.index] = self.layout(image_sizes[part.index] if image_sizes is not None else None)
         if self.spec.tokenization == "chunks":
-            return self._tokenize_chunks(parts, tokenizer, bos, counts)
-        return self._tokenize_inline(parts, tokenizer, bos, counts)
+            return self._tokenize_chunks(parts, tokenizer, bos, {i: l.feature_rows for i, l in layouts.items()})
+        return self._tokenize_inline(parts, tokenizer, bos, layouts)
 
     def _tokenize_chunks(self, parts, tokenizer, bos: list[int], counts: dict[int, int]) -> TokenizedPrompt:
         start_text, end_text = (IM_START_TEXT, IM_END_TEXT) if self.spec.use_im_start_end else ("", "")
@@ -397,22 +397,31 @@ class LlavaPipeline:
                 ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
         return TokenizedPrompt(ids, spans)
 
-    def _tokenize_inline(self, parts, tokenizer, bos: list[int], counts: dict[int, int]) -> TokenizedPrompt:
-        def slot(n: int) -> tuple[str, list[int]]:
-            """The text standing for one image and the ids it must tokenize to."""
-            if self.spec.format == "hf":
-                return self.spec.image_token_text, [self.spec.image_token_id]
-            text, ids = IM_PATCH_TEXT * n, [_single_token_id(tokenizer, IM_PATCH_TEXT)] * n
-            if self.spec.use_im_start_end:
-                text = IM_START_TEXT + text + IM_END_TEXT
-                ids = [_single_token_id(tokenizer, IM_START_TEXT)] + ids + [_single_token_id(tokenizer, IM_END_TEXT)]
-            return text, ids
+    def _tokenize_inline(self, parts, tokenizer, bos: list[int], layouts: dict[int, SlotLayout]) -> TokenizedPrompt:
+        """One tokenizer call over the prompt with each image's slot spelled compactly (every run once:
+        ``[IMG][IMG_BREAK][IMG][IMG_END]`` for 2 rows), then each run's id repeated ``count`` times.
 
-        text, slots = "", []  # slots: (char_start, char_end, image_index, expected ids)
+        Spelling a run once instead of ``count`` times gives the same ids: the runs are single added
+        tokens, which the tokenizer splits off before anything else, and the check below refuses a
+        tokenizer that does not. The positions of the image runs become the image's span.
+        """
+        run_ids: dict[tuple[str, bool], int] = {}
+
+        def run_id(text: str, image: bool) -> int:
+            if (text, image) not in run_ids:
+                # The image token's id is the config's (image_token_index); the tokenizer must agree.
+                known = self.spec.image_token_id if image and self.spec.format == "hf" else None
+                run_ids[(text, image)] = known if known is not None else _single_token_id(tokenizer, text)
+            return run_ids[(text, image)]
+
+        text, slots = "", []  # slots: (char_start, char_end, image_index, expected ids, layout)
         for part in parts:
             if isinstance(part, ImageRef):
-                slot_text, expected = slot(counts[part.index])
-                slots.append((len(text), len(text) + len(slot_text), part.index, expected))
+                layout = layouts[part.index]
+                runs = [run for run in layout.runs if run.count]
+                slot_text = "".join(run.text for run in runs)
+                expected = [run_id(run.text, run.image) for run in runs]
+                slots.append((len(text), len(text) + len(slot_text), part.index, expected, runs))
                 text += slot_text
             else:
                 text += part
@@ -420,8 +429,7 @@ class LlavaPipeline:
         token_ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
         ids, spans = list(bos), []
         position = 0
-        for char_start, char_end, image_index, expected in slots:
-            n = counts[image_index]
+        for char_start, char_end, image_index, expected, runs in slots:
             while position < len(token_ids) and offsets[position][0] < char_start:
                 ids.append(token_ids[position])
                 position += 1
@@ -434,13 +442,12 @@ class LlavaPipeline:
                     f"the tokenizer does not turn {text[char_start:char_start + 40]!r} into the image token id(s) {expected[:3]}…; "
                     "is this the tokenizer that belongs to the LLaVA checkpoint?"
                 )
-            if self.spec.format == "hf":
-                spans.append(ImageSpan(len(ids), n, image_index))
-                ids.extend([self.spec.image_token_id] * n)
-            else:
-                first = len(ids) + (1 if self.spec.use_im_start_end else 0)
-                spans.append(ImageSpan(first, n, image_index))
-                ids.extend(slot_ids)
+            first, length, feature_runs = layouts[image_index].feature_span()
+            if length:
+                single_run = feature_runs == ((0, length),)
+                spans.append(ImageSpan(len(ids) + first, length, image_index, None if single_run else feature_runs))
+            for run, run_token in zip(runs, expected):
+                ids.extend([run_token] * run.count)
         ids.extend(token_ids[position:])
         return TokenizedPrompt(ids, spans)
 
@@ -466,16 +473,22 @@ class LlavaPipeline:
         if not prompt.image_spans:
             return input_ids, inputs_embeds
         for span, feature in zip(prompt.image_spans, features):
-            if feature.shape[0] != span.length:
+            if feature.shape[0] != span.feature_rows:
                 raise LlavaInputError(
-                    f"image {span.image_index + 1} has {feature.shape[0]} feature rows but its slot holds {span.length}"
+                    f"image {span.image_index + 1} has {feature.shape[0]} feature rows but its slot holds "
+                    f"{span.feature_rows} image positions"
                 )
         inputs_embeds = inputs_embeds.clone()
         for span, feature in zip(prompt.image_spans, features):
-            # Each span is contiguous: one copy per image straight from the cache's (pinned) CPU tensor or
-            # the projector's output, with no concatenated staging tensor. Pinned sources copy
-            # asynchronously; the caching host allocator keeps them alive until the copy has run.
-            inputs_embeds[0, span.start:span.end].copy_(feature, non_blocking=True)
+            # One copy per run of image positions (one per image for LLaVA, one per row for Pixtral)
+            # straight from the cache's (pinned) CPU tensor or the projector's output, with no concatenated
+            # staging tensor. Pinned sources copy asynchronously; the caching host allocator keeps them
+            # alive until the copy has run.
+            row = 0
+            for offset, count in span.runs:
+                start = span.start + offset
+                inputs_embeds[0, start:start + count].copy_(feature[row:row + count], non_blocking=True)
+                row += count
         return input_ids, inputs_embeds
 
     def prepare(
@@ -526,48 +539,3 @@ def _single_token_id(tokenizer, text: str) -> int:
     if len(ids) != 1:
         raise LlavaInputError(f"the tokenizer has no single token for {text!r} (got {len(ids)} tokens)")
     return int(ids[0])
-
-
-def _read_image_newline(spec: LlavaSpec, projector) -> torch.Tensor:
-    """``image_newline`` ``[H_lm]`` of a spatial_unpad checkpoint, on the projector's device and dtype."""
-    weights = llava_checkpoint.WeightFiles(spec.model_dir)
-    for key in ("model.image_newline", "image_newline"):
-        if key in weights:
-            newline = weights.read([key])[key]
-            break
-    else:
-        raise CheckpointError(f"{spec.model_dir} uses {spec.patch_merge_type} but stores no image_newline tensor")
-    reference = next(projector.parameters())
-    return newline.to(device=reference.device, dtype=reference.dtype)
-
-
-def _preprocess_config_for(spec: LlavaSpec, source, tower) -> "llava_preprocess.PreprocessConfig":
-    """Preprocessing of the checkpoint: its own ``preprocessor_config.json`` (llava-hf) or the tower's
-    (original), padded to square when ``image_aspect_ratio`` is ``pad`` or the llava-hf processor pads."""
-    folder = spec.model_dir if spec.format == "hf" else source.config_dir
-    path = Path(folder) / "preprocessor_config.json"
-    processor = llava_checkpoint._read_json(path) if path.is_file() else {}
-    if not processor and (Path(folder) / "processor_config.json").is_file():
-        # transformers 5 saves the image-processor settings nested in processor_config.json.
-        processor = llava_checkpoint._read_json(Path(folder) / "processor_config.json").get("image_processor") or {}
-    if spec.format == "hf":
-        # LlavaImageProcessor's do_pad squares the image; LlavaNextImageProcessor's pads the tile count.
-        pad = bool(processor.get("do_pad", False)) and processor.get("image_processor_type", "").startswith("LlavaImageProcessor")
-        # llava-hf NeXT files carry `aspect_ratio_setting: "anyres"`; tiling follows the model config instead.
-        processor = {k: v for k, v in processor.items() if k != "aspect_ratio_setting"}
-        # SigLIP processors resize straight to size {height, width} and have no center crop at all; without
-        # this, the CLIP defaults (crop to 224) would apply to a config that never mentions cropping.
-        if processor.get("image_processor_type", "").startswith("Siglip"):
-            processor.setdefault("do_center_crop", False)
-    else:
-        pad = spec.image_aspect_ratio == "pad"
-    if not processor:
-        logger.warning("No preprocessor_config.json in %s; using CLIP defaults at %d px", folder, tower.image_size)
-        processor = {
-            "size": {"shortest_edge": tower.image_size},
-            "crop_size": {"height": tower.image_size, "width": tower.image_size},
-            "image_mean": list(llava_checkpoint.OPENAI_CLIP_MEAN),
-            "image_std": list(llava_checkpoint.OPENAI_CLIP_STD),
-        }
-    config = llava_preprocess.PreprocessConfig.from_processor_dict(processor, pad_to_square=pad)
-    return config

@@ -28,15 +28,95 @@ Part = Union[str, ImageRef]
 
 @dataclass(frozen=True)
 class ImageSpan:
-    """Image ``image_index`` fills ``ids[start:start + length]`` with its ``length`` feature rows."""
+    """Image ``image_index`` occupies ``ids[start:start + length]``.
+
+    ``feature_runs`` are ``(offset, count)`` pairs relative to ``start``: the positions its feature rows
+    fill, in order. None (the LLaVA case) means the whole span is feature rows. Pixtral's rows of
+    ``[IMG]`` separated by ``[IMG_BREAK]`` are one span with one run per row: the break tokens inside it
+    keep their own embeddings. A span never starts or ends with a non-feature position.
+    """
 
     start: int
     length: int
     image_index: int
+    feature_runs: tuple[tuple[int, int], ...] | None = None
 
     @property
     def end(self) -> int:
         return self.start + self.length
+
+    @property
+    def runs(self) -> tuple[tuple[int, int], ...]:
+        """``(offset, count)`` of every run of feature positions (one run covering all by default)."""
+        return self.feature_runs if self.feature_runs is not None else ((0, self.length),)
+
+    @property
+    def feature_rows(self) -> int:
+        """How many feature rows the image brings (``length`` minus the ordinary tokens inside)."""
+        return sum(count for _, count in self.runs)
+
+
+@dataclass(frozen=True)
+class TokenRun:
+    """``count`` copies of one token, spelled ``text`` (e.g. ``"[IMG]"`` x 32). ``image`` runs are the
+    positions that receive the image's feature rows; the others are ordinary tokens of the image's slot
+    (``[IMG_BREAK]``, ``<im_start>``), embedded from the vocabulary like any text."""
+
+    text: str
+    count: int
+    image: bool = False
+
+    def __post_init__(self):
+        if self.count < 0:
+            raise ValueError(f"a token run cannot repeat {self.count} times")
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """The tokens one image expands to in the prompt, as runs (what a transformers processor writes in
+    place of the image token). Examples, for an image of 2 x 3 feature rows:
+
+    * LLaVA / NeXT (llava-hf): ``(TokenRun("<image>", 6, image=True),)``
+    * Pixtral: ``[IMG][IMG][IMG][IMG_BREAK][IMG][IMG][IMG][IMG_END]`` =
+      ``(TokenRun("[IMG]", 3, True), TokenRun("[IMG_BREAK]", 1), TokenRun("[IMG]", 3, True), TokenRun("[IMG_END]", 1))``
+    * LLaVA v0: ``(TokenRun("<im_start>", 1), TokenRun("<im_patch>", 6, True), TokenRun("<im_end>", 1))``
+    """
+
+    runs: tuple[TokenRun, ...]
+
+    @classmethod
+    def image_tokens(cls, text: str, count: int) -> "SlotLayout":
+        """``count`` image positions spelled ``text`` and nothing else (the LLaVA layout)."""
+        return cls((TokenRun(text, count, image=True),))
+
+    @property
+    def positions(self) -> int:
+        """Prompt positions of the whole slot."""
+        return sum(run.count for run in self.runs)
+
+    @property
+    def feature_rows(self) -> int:
+        """Feature rows the image must bring: the count of its image positions."""
+        return sum(run.count for run in self.runs if run.image)
+
+    def text(self) -> str:
+        """The slot spelled out in full, every token of every run (the processor's replacement text)."""
+        return "".join(run.text * run.count for run in self.runs)
+
+    def feature_span(self) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+        """``(first, length, runs)``: offset in the slot of the first image position, distance from it to
+        just past the last one, and the ``(offset, count)`` image runs relative to ``first`` (ImageSpan's
+        ``feature_runs``). A slot without image positions gives ``(0, 0, ())``."""
+        offset, runs = 0, []
+        for run in self.runs:
+            if run.image and run.count:
+                runs.append((offset, run.count))
+            offset += run.count
+        if not runs:
+            return 0, 0, ()
+        first = runs[0][0]
+        last_offset, last_count = runs[-1]
+        return first, last_offset + last_count - first, tuple((o - first, c) for o, c in runs)
 
 
 @dataclass
@@ -86,7 +166,8 @@ def truncate_left(prompt: TokenizedPrompt, max_length: int) -> TokenizedPrompt:
     for span in prompt.image_spans:
         if span.start < start < span.end:
             start = span.end
-    kept = [ImageSpan(s.start - start, s.length, s.image_index) for s in prompt.image_spans if s.start >= start]
+    kept = [ImageSpan(s.start - start, s.length, s.image_index, s.feature_runs)
+            for s in prompt.image_spans if s.start >= start]
     dropped = [s.image_index for s in prompt.image_spans if s.start < start]
     if dropped:
         logger.warning(

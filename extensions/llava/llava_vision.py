@@ -192,6 +192,9 @@ class VisionTower(nn.Module):
     forward: pixels ``[B, 3, S, S]`` -> features ``[B, N, C * len(layers)]`` with N = (S/patch)² (+1 with CLS).
     """
 
+    #: A tensor every checkpoint layout stores for this tower (locates the tower's key prefix).
+    weight_probe = "embeddings.patch_embedding.weight"
+
     def __init__(self, vision_config: dict, layers: tuple[int, ...], keep_cls: bool):
         super().__init__()
         from transformers import AutoConfig
@@ -537,13 +540,54 @@ class Projector(nn.Module):
                 modules += [nn.GELU(), nn.Linear(out_features, out_features)]
             self.layers = nn.Sequential(*modules)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """``[B, n, C_in]`` -> ``[B, n, H_lm]``; ``grid`` (the patch rows and columns) is not needed here."""
         return self.layers(features)
 
     @property
     def out_features(self) -> int | None:
         linears = [m for m in self.layers if isinstance(m, nn.Linear)]
         return linears[-1].out_features if linears else None
+
+    @classmethod
+    def load(cls, spec: LlavaSpec, weights: WeightFiles, *, tower: nn.Module, lm_hidden_size: int) -> "Projector":
+        """The checkpoint's projector on the CPU in float32, checked against the tower's feature width and
+        the language model's embedding width."""
+        projector_tensors = read_projector_tensors(spec, weights)
+        in_features = projector_tensors["layers.0.weight"].shape[1] if projector_tensors else tower.feature_size
+        out_features = lm_hidden_size if spec.projector_type == "identity" else None
+        if out_features is None:
+            last = max(int(k.split(".")[1]) for k in projector_tensors if k.endswith("weight"))
+            out_features = projector_tensors[f"layers.{last}.weight"].shape[0]
+        check_projector_widths(in_features, out_features, tower, lm_hidden_size)
+        with torch.device("meta"):
+            projector = cls(spec.projector_type, in_features, out_features, spec.projector_act, spec.projector_bias)
+        return load_module_strictly(projector, projector_tensors, spec.projector_type, spec.model_dir)
+
+
+def check_projector_widths(in_features: int, out_features: int, tower: nn.Module, lm_hidden_size: int) -> None:
+    """Raise with a hint when the projector does not fit the tower or the language model (checked at load)."""
+    if in_features != tower.feature_size:
+        raise CheckpointError(
+            f"projector input width {in_features} does not match the vision tower's feature width "
+            f"{tower.feature_size} ({tower.hidden_size} x {len(tower.positions)} layers); hint: the vision tower "
+            "setting or mm_vision_tower names a different tower than the one this projector was trained with"
+        )
+    if out_features != lm_hidden_size:
+        raise CheckpointError(
+            f"projector output width {out_features} does not match the language model's embedding width "
+            f"{lm_hidden_size}; hint: the loaded language model is not the one this projector belongs to"
+        )
+
+
+def load_module_strictly(module: nn.Module, tensors: dict[str, torch.Tensor], kind: str, folder) -> nn.Module:
+    """Materialise a meta-device projector on the CPU and load ``tensors`` into it with ``strict=True``."""
+    module = module.to_empty(device="cpu")
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"projector tensors in {folder} do not fit {kind}: {exc}") from exc
+    return module
 
 
 # Checkpoint projector keys -> Projector state-dict keys.
@@ -552,16 +596,21 @@ HF_PROJECTOR_RENAMES = {"linear_1.": "layers.0.", "linear_2.": "layers.2."}
 ORIGINAL_PROJECTOR_PREFIX = "model.mm_projector."
 
 
+def read_hf_projector_tensors(weights: WeightFiles, probe: str = "linear_1.weight") -> dict[str, torch.Tensor]:
+    """llava-hf ``multi_modal_projector.*`` tensors (4.x or 5.x prefix), prefix removed."""
+    prefix = weights.find_prefix(HF_PROJECTOR_PREFIXES, probe)
+    if prefix is None:
+        raise CheckpointError(f"no multi_modal_projector.{probe} in {weights.folder}")
+    return weights.read_prefix(prefix)
+
+
 def read_projector_tensors(spec: LlavaSpec, weights: WeightFiles) -> dict[str, torch.Tensor]:
     """Projector tensors renamed to :class:`Projector` keys."""
     if spec.projector_type == "identity":
         return {}
     if spec.format == "hf":
-        prefix = weights.find_prefix(HF_PROJECTOR_PREFIXES, "linear_1.weight")
-        if prefix is None:
-            raise CheckpointError(f"no multi_modal_projector.linear_1.weight in {weights.folder}")
         renamed = {}
-        for key, tensor in weights.read_prefix(prefix).items():
+        for key, tensor in read_hf_projector_tensors(weights).items():
             for old, new in HF_PROJECTOR_RENAMES.items():
                 if key.startswith(old):
                     renamed[new + key[len(old):]] = tensor
@@ -581,18 +630,28 @@ def load_vision_modules(
     spec: LlavaSpec,
     source: TowerSource,
     *,
+    tower_class: type = None,
+    projector_class: type = None,
     tower_device: torch.device,
     tower_dtype: torch.dtype,
     projector_device: torch.device,
     projector_dtype: torch.dtype,
     lm_hidden_size: int,
-) -> tuple[VisionTower, Projector]:
-    """Build the truncated tower and the projector and load their tensors (and nothing else)."""
+) -> tuple[nn.Module, nn.Module]:
+    """Build the truncated tower and the projector and load their tensors (and nothing else).
+
+    ``tower_class`` (default :class:`VisionTower`) is built as ``tower_class(vision_config, layers, keep_cls)``
+    on the meta device and names the probe key that locates its tensors (``weight_probe``);
+    ``projector_class`` (default :class:`Projector`) loads itself with ``projector_class.load(spec, weights,
+    tower=..., lm_hidden_size=...)``. ``llava_family`` picks both for the checkpoint's family.
+    """
+    tower_class = tower_class or VisionTower
+    projector_class = projector_class or Projector
     started = time.perf_counter()
     with torch.device("meta"):
-        tower = VisionTower(source.vision_config, spec.vision_feature_layers, spec.keep_cls)
+        tower = tower_class(source.vision_config, spec.vision_feature_layers, spec.keep_cls)
     tower_weights = WeightFiles(source.weights_dir)
-    probe = "embeddings.patch_embedding.weight"
+    probe = tower_class.weight_probe
     prefix = tower_weights.find_prefix(source.prefixes, probe)
     if prefix is None:
         raise CheckpointError(f"no vision tower tensors ({'|'.join(source.prefixes)}{probe}) in {source.weights_dir}")
@@ -604,30 +663,7 @@ def load_vision_modules(
     tower = tower.to(device=tower_device, dtype=tower_dtype).eval().requires_grad_(False)
 
     weights = tower_weights if source.weights_dir == spec.model_dir else WeightFiles(spec.model_dir)
-    projector_tensors = read_projector_tensors(spec, weights)
-    in_features = projector_tensors["layers.0.weight"].shape[1] if projector_tensors else tower.feature_size
-    if in_features != tower.feature_size:
-        raise CheckpointError(
-            f"projector input width {in_features} does not match the vision tower's feature width "
-            f"{tower.feature_size} ({tower.hidden_size} x {len(tower.positions)} layers); hint: the vision tower "
-            "setting or mm_vision_tower names a different tower than the one this projector was trained with"
-        )
-    out_features = lm_hidden_size if spec.projector_type == "identity" else None
-    if out_features is None:
-        last = max(int(k.split(".")[1]) for k in projector_tensors if k.endswith("weight"))
-        out_features = projector_tensors[f"layers.{last}.weight"].shape[0]
-    if out_features != lm_hidden_size:
-        raise CheckpointError(
-            f"projector output width {out_features} does not match the language model's embedding width "
-            f"{lm_hidden_size}; hint: the loaded language model is not the one this projector belongs to"
-        )
-    with torch.device("meta"):
-        projector = Projector(spec.projector_type, in_features, out_features, spec.projector_act, spec.projector_bias)
-    projector = projector.to_empty(device="cpu")
-    try:
-        projector.load_state_dict(projector_tensors, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"projector tensors in {spec.model_dir} do not fit {spec.projector_type}: {exc}") from exc
+    projector = projector_class.load(spec, weights, tower=tower, lm_hidden_size=lm_hidden_size)
     projector = projector.to(device=projector_device, dtype=projector_dtype).eval().requires_grad_(False)
     logger.info(
         "Loaded vision tower (%s, %d of %d layers kept, %s %s) and %s projector (%s %s) in %.2f s",
