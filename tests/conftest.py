@@ -45,6 +45,14 @@ def tiny_next_checkpoints(tmp_path_factory):
     return tiny_llava_next.write_tiny_next_checkpoints(tmp_path_factory.mktemp("tiny_llava_next"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_family_checkpoints(tmp_path_factory):
+    """Seeded tiny VipLLaVA, Pixtral (llava-hf form) and Mistral 3 checkpoints (tests/tiny_families.py)."""
+    import tiny_families
+
+    return tiny_families.write_tiny_family_checkpoints(tmp_path_factory.mktemp("tiny_families"), seed=0)
+
+
 def _auto_registry():
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING

@@ -103,6 +103,12 @@ def test_register_refuses_a_second_claim_on_the_same_types():
         llava_family.register(existing)
 
 
+@pytest.mark.parametrize("name, family", [("vipllava", "vipllava"), ("pixtral", "pixtral"), ("mistral3", "mistral3")])
+def test_new_family_fixture_families(name, family, tiny_family_checkpoints):
+    spec = read_llava_spec(getattr(tiny_family_checkpoints, name))
+    assert spec.family == family and spec.format == "hf"
+
+
 def test_every_family_names_real_transformers_classes():
     import transformers
 

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", required=True, help="the question (or, with --raw, the whole prompt)")
     parser.add_argument(
         "--raw", action="store_true",
-        help="use the prompt verbatim (BOS added as the tokenizer does); each <image> in it marks the next image",
+        help="use the prompt verbatim (BOS added as the tokenizer does); each <image> in it marks the next image "
+             "(the checkpoint's own image token, such as Pixtral's [IMG], works too)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -83,9 +84,10 @@ def run(args) -> str:
         raise ValueError(f"{args.model} is not a LLaVA checkpoint (its config.json has no LLaVA fields)")
 
     marker = spec.image_token_text or "<image>"
+    markers = spec.image_markers  # <image>, and the checkpoint's own image token ([IMG])
     if args.raw:
         # Check the marker count now: a mismatch must not wait for the model to load.
-        split_on_marker(args.prompt, len(args.image), marker)
+        split_on_marker(args.prompt, len(args.image), markers)
 
     settings = VisionSettings(
         clip_bits=args.clip_bits, clip_device=args.clip_device, projector_bits=args.projector_bits,
@@ -116,7 +118,7 @@ def run(args) -> str:
         prompt_text = render_conversation(template, [(template.roles[0], question), (template.roles[1], None)])
     # BOS as the checkpoint's reference tokenizes this prompt (webui's path uses the same rule).
     prompt_text, add_bos = pipeline.reference_prompt(prompt_text, tokenizer)
-    parts = split_on_marker(prompt_text, len(images), marker)
+    parts = split_on_marker(prompt_text, len(images), markers)
     prepared = pipeline.prepare(parts, images, tokenizer, model.get_input_embeddings(), add_bos=add_bos)
 
     if args.seed is not None:

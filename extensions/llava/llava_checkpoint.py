@@ -85,6 +85,12 @@ class LlavaSpec:
     raw_config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
+    def image_markers(self) -> tuple[str, ...]:
+        """What marks an image in a prompt typed by a person: ``<image>`` for every family, and the
+        checkpoint's own image token too where it differs (``[IMG]`` for Pixtral and Mistral 3)."""
+        return tuple(dict.fromkeys((IMAGE_TEXT, self.image_token_text or IMAGE_TEXT)))
+
+    @property
     def tokenization(self) -> str:
         """``chunks``: text around each image tokenized separately (original v1 `tokenizer_image_token`);
         ``inline``: the prompt is tokenized once with the image spelled as vocabulary tokens (v0, hf)."""
@@ -164,7 +170,9 @@ def _read_hf_spec(model_dir: Path, config: dict) -> LlavaSpec:
         keep_cls = strategy == "full"
     else:  # "drop": the reference always cuts the CLS row; "none": the tower has none, nothing is cut
         keep_cls = family.cls_rule == "none"
-    image_token_id = config.get("image_token_index", config.get("image_token_id", 32000))
+    image_token_id = config.get("image_token_index", config.get("image_token_id"))
+    if image_token_id is None:
+        image_token_id = _config_class_default(family.config_class, "image_token_index", 32000)
     processor = _read_json(model_dir / "processor_config.json") if (model_dir / "processor_config.json").is_file() else {}
     fields = dict(
         model_dir=model_dir,
@@ -511,7 +519,7 @@ def register_with_transformers() -> None:
 
     import llava_family
 
-    config_classes = [getattr(transformers, family.config_class) for family in llava_family.FAMILIES.values()]
+    config_classes = list(dict.fromkeys(getattr(transformers, f.config_class) for f in llava_family.FAMILIES.values()))
     for model_type, base in (("llava_llama", LlamaConfig), ("llava_mistral", MistralConfig)):
         if model_type in CONFIG_MAPPING:
             config_classes.append(CONFIG_MAPPING[model_type])

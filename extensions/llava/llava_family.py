@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import llava_next
+import llava_pixtral
 import llava_plan
 import llava_vision
 from llava_checkpoint import CheckpointError, LlavaSpec
@@ -120,6 +121,7 @@ class Family:
 TOWERS: dict[str, type] = {
     "clip_vision_model": llava_vision.VisionTower,
     "siglip_vision_model": llava_vision.VisionTower,
+    "pixtral": llava_pixtral.PixtralTower,
 }
 
 FAMILIES: dict[str, Family] = {}
@@ -166,6 +168,16 @@ def known_model_types() -> list[str]:
 # The families
 
 
+def _pixtral_llava_fields(config: dict) -> dict[str, Any]:
+    # LlavaModel cuts the first row of "default" features whatever the tower; Pixtral has no CLS row, so
+    # the reference itself would find one feature row fewer than [IMG] tokens.
+    strategy = config.get("vision_feature_select_strategy", "default")
+    if strategy != "full":
+        raise CheckpointError(f"a Pixtral tower in llava form needs vision_feature_select_strategy 'full' "
+                              f"(it has no CLS row), got {strategy!r}")
+    return {}
+
+
 def _llava_next_fields(config: dict) -> dict[str, Any]:
     if not config.get("use_image_newline_parameter", True):
         raise CheckpointError("llava_next checkpoints without image_newline (use_image_newline_parameter false) "
@@ -185,4 +197,25 @@ register(Family(
     name="llava_next", model_type="llava_next", vision_types=("clip_vision_model", "siglip_vision_model"),
     reference_class="LlavaNextForConditionalGeneration", config_class="LlavaNextConfig",
     plan=llava_next.AnyresPlan.from_checkpoint, config_fields=_llava_next_fields,
+))
+register(Family(
+    name="vipllava", model_type="vipllava", vision_types=("clip_vision_model",),
+    reference_class="VipLlavaForConditionalGeneration", config_class="VipLlavaConfig",
+    plan=llava_plan.SquarePlan.from_checkpoint, projector=llava_vision.VipLlavaProjector, projector_kind="vipllava",
+    # VipLlavaConfig's default; the model always cuts the CLS row of every selected layer.
+    feature_layer_key="vision_feature_layers", default_feature_layer=(-2, -5, -8, -11, 6), cls_rule="drop",
+))
+register(Family(
+    name="pixtral", model_type="llava", vision_types=("pixtral",),
+    reference_class="LlavaForConditionalGeneration", config_class="LlavaConfig",
+    plan=llava_pixtral.PixtralPlan.from_checkpoint, text_model_type="mistral", default_feature_layer=-1,
+    cls_rule="none", image_token_text=llava_pixtral.IMAGE_TOKEN, image_text_separator="",
+    config_fields=_pixtral_llava_fields,
+))
+register(Family(
+    name="mistral3", model_type="mistral3", vision_types=("pixtral",),
+    reference_class="Mistral3ForConditionalGeneration", config_class="Mistral3Config",
+    plan=llava_pixtral.PixtralPlan.from_checkpoint, projector=llava_pixtral.Mistral3Projector,
+    projector_kind="mistral3", text_model_type="mistral", default_feature_layer=-1, cls_rule="none",
+    image_token_text=llava_pixtral.IMAGE_TOKEN, image_text_separator="",
 ))

@@ -8,6 +8,7 @@ image occupies. Everything here works on ``str`` and ``list[int]`` and is tested
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
@@ -131,16 +132,22 @@ class TokenizedPrompt:
         return len(self.ids)
 
 
-def split_on_marker(text: str, images: int, marker: str = IMAGE_MARKER) -> list[Part]:
+def split_on_marker(text: str, images: int, marker: str | Sequence[str] = IMAGE_MARKER) -> list[Part]:
     """``"a<image>b"`` -> ``["a", ImageRef(0), "b"]``; each marker takes the next image, in order.
 
-    Raises ValueError naming both numbers when markers and images differ in count.
+    ``marker`` may be several spellings, each standing for the next image (``("<image>", "[IMG]")``:
+    Pixtral prompts accept the generic marker and the checkpoint's own image token). Raises ValueError
+    naming both numbers when markers and images differ in count.
     """
-    pieces = text.split(marker)
+    markers = (marker,) if isinstance(marker, str) else tuple(dict.fromkeys(marker))
+    # Longest first, so that a marker containing another is found whole.
+    pattern = "|".join(re.escape(m) for m in sorted(markers, key=len, reverse=True))
+    pieces = re.split(pattern, text)
     if len(pieces) - 1 != images:
+        named = " or ".join(markers)
         raise ValueError(
-            f"the prompt has {len(pieces) - 1} {marker} marker(s) but {images} image(s) were given; "
-            f"put one {marker} where each image belongs"
+            f"the prompt has {len(pieces) - 1} {named} marker(s) but {images} image(s) were given; "
+            f"put one {markers[0]} where each image belongs"
         )
     parts: list[Part] = []
     for index, piece in enumerate(pieces):

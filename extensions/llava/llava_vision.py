@@ -102,7 +102,7 @@ def find_tower_source(spec: LlavaSpec, override: str | None = None, models_dir: 
     """
     if spec.format == "hf" and not override:
         vision_config = dict(spec.hf_config.get("vision_config") or {})
-        vision_config.setdefault("model_type", "clip_vision_model")
+        vision_config.setdefault("model_type", spec.vision_type or "clip_vision_model")
         return TowerSource(spec.model_dir, spec.model_dir, HF_TOWER_PREFIXES, vision_config)
     name = override or spec.vision_tower_name
     origin = "from the vision tower setting" if override else "named by mm_vision_tower"
@@ -563,6 +563,37 @@ class Projector(nn.Module):
         with torch.device("meta"):
             projector = cls(spec.projector_type, in_features, out_features, spec.projector_act, spec.projector_bias)
         return load_module_strictly(projector, projector_tensors, spec.projector_type, spec.model_dir)
+
+
+class VipLlavaProjector(nn.Module):
+    """VipLLaVA: ``LayerNorm -> linear_1 -> act -> linear_2`` over the features of several layers
+    concatenated (``[B, n, C * layers] -> [B, n, H_lm]``), as ``VipLlavaMultiModalProjector``; parameter
+    names are the checkpoint's (``multi_modal_projector.projector_layernorm.*``, ``linear_1.*``, ...)."""
+
+    def __init__(self, in_features: int, out_features: int, act: str, eps: float):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        if act not in ACT2FN:
+            raise CheckpointError(f"unknown projector_hidden_act {act!r}")
+        self.projector_layernorm = nn.LayerNorm(in_features, eps=eps)
+        self.linear_1 = nn.Linear(in_features, out_features, bias=True)
+        self.act = ACT2FN[act]
+        self.linear_2 = nn.Linear(out_features, out_features, bias=True)
+
+    def forward(self, features: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(self.projector_layernorm(features))))
+
+    @classmethod
+    def load(cls, spec: LlavaSpec, weights: WeightFiles, *, tower: nn.Module, lm_hidden_size: int) -> "VipLlavaProjector":
+        tensors = read_hf_projector_tensors(weights, "projector_layernorm.weight")
+        in_features = tensors["linear_1.weight"].shape[1] if "linear_1.weight" in tensors else -1
+        out_features = tensors["linear_2.weight"].shape[0] if "linear_2.weight" in tensors else -1
+        check_projector_widths(in_features, out_features, tower, lm_hidden_size)
+        eps = float(spec.hf_config.get("projector_layernorm_eps", 1e-5))
+        with torch.device("meta"):
+            projector = cls(in_features, out_features, spec.projector_act, eps)
+        return load_module_strictly(projector, tensors, spec.projector_type, spec.model_dir)
 
 
 def check_projector_widths(in_features: int, out_features: int, tower: nn.Module, lm_hidden_size: int) -> None:

@@ -1,0 +1,344 @@
+"""VipLLaVA, Pixtral (llava-hf form) and Mistral 3 against their transformers classes, in fp32 on the CPU.
+
+References: ``VipLlavaForConditionalGeneration`` with ``LlavaProcessor`` (CLIP image processor, PIL backend);
+``LlavaForConditionalGeneration`` (Pixtral tower) and ``Mistral3ForConditionalGeneration`` with
+``PixtralImageProcessorPil``. ``PixtralProcessor`` itself cannot be built without torchvision, so its prompt
+expansion is restated below from its documented rule (each ``[IMG]`` -> rows of ``[IMG]`` x columns +
+``[IMG_BREAK]``, the last one ``[IMG_END]``, at ``patch_size x spatial_merge_size`` pixels per token); the
+opt-in test at the end compares with the real processor where torchvision is installed.
+
+Checked: same input ids, logits within 1e-5 and equal greedy tokens through our pipeline and text-only
+language model; pixels ``torch.equal`` to the processors' on many geometries; token counts from the image
+size alone equal to what the processors produce; the CLI (templated and ``--raw`` with ``<image>`` or
+``[IMG]``) equal to the reference's greedy reply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from llava_checkpoint import read_llava_spec
+from parity_support import CPU, load_ours, report_max_logit_delta, run_ours
+from tiny_llava import make_test_image
+
+FAMILIES = ("vipllava", "pixtral", "mistral3")
+NEW_TOKENS = 10
+ATOL = 1e-5
+CELL = {"pixtral": 8, "mistral3": 16}  # pixels per image token: patch 8 x spatial_merge_size (1, 2)
+
+# Image sizes (W, H): tiny images at 64 px max edge and 8 px patches. 70x45 and 200x150 are scaled down
+# (floor) to fit 64 px; 20x33 is padded up to whole cells (no scaling); 45x90 is tall; Mistral 3 merges
+# 2x2 patches, so its grids are a quarter as large.
+CASES = {
+    "one": ("{m}What is in this picture?", [(70, 45)]),
+    "two": ("Look at {m} and then {m}: which is brighter?", [(45, 90), (20, 33)]),
+    "big": ("Describe it. {m}", [(200, 150)]),
+}
+MARKERS = {"vipllava": "<image>", "pixtral": "[IMG]", "mistral3": "[IMG]"}
+
+max_abs_logit_delta: dict[str, float] = {}
+
+
+def _images(sizes, salt=0):
+    return [make_test_image(w, h, seed=w * 1000 + h + salt) for w, h in sizes]
+
+
+def expand_like_pixtral_processor(text: str, image_sizes, cell: int) -> str:
+    """PixtralProcessor's expansion: the k-th ``[IMG]`` of ``text`` stands for image k of (height, width)
+    ``image_sizes[k]`` (as the image processor returns them)."""
+    pieces = text.split("[IMG]")
+    assert len(pieces) - 1 == len(image_sizes)
+    out = pieces[0]
+    for (height, width), piece in zip(image_sizes, pieces[1:]):
+        rows = [["[IMG]"] * (width // cell) + ["[IMG_BREAK]"] for _ in range(height // cell)]
+        tokens = [token for row in rows for token in row]
+        tokens[-1] = "[IMG_END]"
+        out += "".join(tokens) + piece
+    return out
+
+
+class Reference:
+    """One family's transformers model and processing, fp32 on the CPU."""
+
+    def __init__(self, kind: str, folder: Path):
+        import transformers
+        from transformers import AutoTokenizer
+
+        self.kind, self.folder = kind, folder
+        spec = read_llava_spec(folder)
+        model_class = getattr(transformers, {"vipllava": "VipLlavaForConditionalGeneration",
+                                             "pixtral": "LlavaForConditionalGeneration",
+                                             "mistral3": "Mistral3ForConditionalGeneration"}[kind])
+        self.model = model_class.from_pretrained(str(folder), dtype=torch.float32).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if kind == "vipllava":
+            from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+            settings = json.loads((folder / "processor_config.json").read_text())
+            self.processor = LlavaProcessor(
+                image_processor=CLIPImageProcessorPil(**{k: v for k, v in settings["image_processor"].items()
+                                                         if k != "image_processor_type"}),
+                tokenizer=self.tokenizer,
+                patch_size=settings["patch_size"], vision_feature_select_strategy="default",
+                num_additional_image_tokens=settings["num_additional_image_tokens"], image_token="<image>")
+        else:
+            from transformers import PixtralImageProcessorPil
+
+            self.image_processor = PixtralImageProcessorPil.from_pretrained(str(folder))
+        self.spec = spec
+
+    def inputs(self, prompt: str, images) -> dict:
+        """What the family's processor gives for ``prompt`` (image marker as the family writes it)."""
+        if self.kind == "vipllava":
+            inputs = dict(self.processor(images=images, text=prompt, return_tensors="pt"))
+            inputs.pop("attention_mask", None)
+            return inputs
+        pixels = self.image_processor(images, patch_size=CELL[self.kind], return_tensors="pt")
+        text = expand_like_pixtral_processor(prompt, pixels["image_sizes"].tolist(), CELL[self.kind])
+        ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+        return {"input_ids": ids, "pixel_values": pixels["pixel_values"], "image_sizes": pixels["image_sizes"]}
+
+    @torch.no_grad()
+    def run(self, inputs: dict, new_tokens: int = NEW_TOKENS):
+        logits = self.model(**inputs).logits[0]
+        out = self.model.generate(**inputs, attention_mask=torch.ones_like(inputs["input_ids"]),
+                                  max_new_tokens=new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        return logits, out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def references(tiny_family_checkpoints):
+    return {kind: Reference(kind, getattr(tiny_family_checkpoints, kind)) for kind in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_family_checkpoints):
+    return load_ours(tiny_family_checkpoints, FAMILIES)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parity
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_matches_the_transformers_class(kind, case, references, ours):
+    template, sizes = CASES[case]
+    prompt = template.format(m=MARKERS[kind])
+    images = _images(sizes)
+    reference = references[kind]
+    inputs = reference.inputs(prompt, images)
+    ref_logits, ref_tokens = reference.run(inputs)
+    prepared, logits, tokens = run_ours(ours[kind], prompt, images, new_tokens=NEW_TOKENS,
+                                        marker=ours[kind][0].spec.image_markers,
+                                        pad_token_id=reference.tokenizer.pad_token_id)
+    assert prepared.input_ids.tolist() == inputs["input_ids"].tolist()
+    max_abs_logit_delta[kind] = max(max_abs_logit_delta.get(kind, 0.0), (logits - ref_logits).abs().max().item())
+    torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=0)
+    assert tokens == ref_tokens
+    assert len(set(tokens)) > 1
+
+
+@pytest.mark.parametrize("kind", ("pixtral", "mistral3"))
+def test_generic_image_marker_equals_the_image_token(kind, ours):
+    """``<image>`` and ``[IMG]`` both mark an image in a Pixtral-family prompt, with the same result."""
+    images = _images([(70, 45)])
+    with_token, *_ = run_ours(ours[kind], "[INST][IMG]Hi[/INST]", images, new_tokens=1,
+                              marker=ours[kind][0].spec.image_markers)
+    with_generic, *_ = run_ours(ours[kind], "[INST]<image>Hi[/INST]", images, new_tokens=1,
+                                marker=ours[kind][0].spec.image_markers)
+    assert with_token.input_ids.tolist() == with_generic.input_ids.tolist()
+    torch.testing.assert_close(with_token.inputs_embeds, with_generic.inputs_embeds, atol=0, rtol=0)
+
+
+def test_image_changes_the_answer_for_each_family(ours):
+    """Guards the parity tests against a pipeline that ignores images (both sides would still agree)."""
+    for kind in FAMILIES:
+        prompt = CASES["one"][0].format(m=MARKERS[kind])
+        _, logits_a, _ = run_ours(ours[kind], prompt, _images([(70, 45)]), new_tokens=1, marker=MARKERS[kind])
+        _, logits_b, _ = run_ours(ours[kind], prompt, _images([(70, 45)], salt=77), new_tokens=1, marker=MARKERS[kind])
+        assert (logits_a - logits_b).abs().max() > 1e-2, kind
+
+
+def test_family_specs(ours, tiny_family_checkpoints):
+    vip, pixtral, mistral3 = (ours[kind][0] for kind in FAMILIES)
+    assert (vip.spec.family, vip.spec.vision_feature_layers, vip.spec.keep_cls) == ("vipllava", (-2, -5, 1, 4), False)
+    # Four layers concatenated, CLS cut: 16 rows of 4 x 32; the tower stops after layer 5 of 6.
+    assert vip.tower.feature_size == 4 * 32 and vip.tower.config.num_hidden_layers == 5
+    assert vip.tokens_per_image == 16 and type(vip.projector).__name__ == "VipLlavaProjector"
+    assert (pixtral.spec.family, pixtral.spec.image_token_id, pixtral.spec.image_token_text) == ("pixtral", 10, "[IMG]")
+    assert pixtral.tower.config.num_hidden_layers == 2  # layer -2 of 3
+    assert (mistral3.spec.family, type(mistral3.projector).__name__) == ("mistral3", "Mistral3Projector")
+    for kind in ("pixtral", "mistral3"):
+        assert type(ours[kind][1]).__name__ == "MistralForCausalLM"
+    # Mistral3Config ties lm_head to the embeddings by default, and the file relies on that default.
+    model = ours["mistral3"][1]
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert not ours["pixtral"][1].config.tie_word_embeddings
+
+
+def test_report_max_logit_delta(record_property):
+    report_max_logit_delta(record_property, max_abs_logit_delta, ATOL)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preprocessing and token counts against the family's processor
+
+GEOMETRIES = [(1, 1), (64, 64), (65, 64), (64, 65), (63, 1), (1, 63), (70, 45), (45, 70), (20, 33), (7, 130),
+              (130, 7), (333, 1000), (1000, 333), (1024, 768), (641, 479), (17, 17), (128, 9), (3000, 2000),
+              (2000, 3001), (31, 97)]
+
+
+@pytest.mark.parametrize("kind", ("pixtral", "mistral3"))
+def test_pixels_and_token_counts_equal_the_pixtral_processor(kind, ours, references):
+    pipeline = ours[kind][0]
+    image_processor = references[kind].image_processor
+    for index, size in enumerate(GEOMETRIES):
+        picture = make_test_image(*size, seed=index)
+        expected = image_processor(picture, patch_size=CELL[kind], return_tensors="pt")
+        pixels = pipeline.plan.preprocess([picture])[0]
+        assert torch.equal(pixels, expected["pixel_values"]), size
+        height, width = expected["image_sizes"][0].tolist()
+        rows, columns = height // CELL[kind], width // CELL[kind]
+        layout = pipeline.layout(size)
+        assert (layout.feature_rows, layout.positions) == (rows * columns, rows * (columns + 1)), size
+        text = expand_like_pixtral_processor("[IMG]", [(height, width)], CELL[kind])
+        assert layout.text() == text, size
+
+
+def test_vipllava_pixels_equal_its_clip_processor(ours, references):
+    pipeline, processor = ours["vipllava"][0], references["vipllava"].processor
+    for index, size in enumerate(GEOMETRIES):
+        picture = make_test_image(*size, seed=index)
+        expected = processor.image_processor(picture, return_tensors="pt")["pixel_values"]
+        assert torch.equal(pipeline.plan.preprocess([picture])[0], expected), size
+        assert pipeline.layout(size).feature_rows == 16
+
+
+@pytest.mark.parametrize("kind", ("pixtral", "mistral3"))
+def test_too_thin_an_image_is_refused_by_name(kind, ours):
+    pipeline = ours[kind][0]
+    with pytest.raises(ValueError, match="300x4 image is too thin"):
+        pipeline.layout((300, 4))
+
+
+def test_mistral3_projector_matches_the_reference_projector(ours, references):
+    """The projector alone (RMS norm, 2x2 patch merge, MLP) on two images of one size in one batch."""
+    pipeline, model = ours["mistral3"][0], references["mistral3"].model
+    features = torch.randn(2, 6 * 8, 32, generator=torch.Generator().manual_seed(3))
+    ours_out = pipeline.projector(features, (6, 8))
+    theirs = model.model.multi_modal_projector(features.reshape(-1, 32), [(48, 64), (48, 64)])
+    assert ours_out.shape == (2, 12, 64)
+    assert torch.equal(ours_out.reshape(-1, 64), theirs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CLI
+
+CLI_NEW_TOKENS = 8
+QUESTION = "What is in this picture?"
+CLI_IMAGES = {"a": (70, 45), "b": (20, 33), "c": (200, 150)}
+# kind -> (raw prompt or None for the checkpoint's chat template, image keys)
+CLI_CASES = {
+    "vipllava": (None, ["a"]),
+    "pixtral": (None, ["c"]),
+    "mistral3": (None, ["a", "b"]),
+    "pixtral-raw-img": ("[INST][IMG]What is this?[/INST]", ["a"]),
+    "mistral3-raw-image": ("[INST]<image>first, then [IMG] second[/INST]", ["b", "c"]),
+    "vipllava-raw": ("###Human: <image>\nWhat is this?###Assistant:", ["b"]),
+}
+
+from test_cli import _run_cli  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cli_image_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family_cli_images")
+    paths = {}
+    for key, size in CLI_IMAGES.items():
+        paths[key] = root / f"{key}.png"
+        _images([size])[0].save(paths[key])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tiny_family_checkpoints, cli_image_files, tmp_path_factory):
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONIOENCODING="utf-8",
+               HF_HOME=str(tmp_path_factory.mktemp("empty_hf_home")))
+    env.pop("HF_HUB_CACHE", None)
+    pool = ThreadPoolExecutor(max_workers=int(os.environ.get("LLAVA_TEST_CLI_WORKERS", "2")))
+    futures: dict[str, Future] = {}
+    for case, (raw_prompt, keys) in CLI_CASES.items():
+        kind = case.split("-")[0]
+        args = ["--model", str(getattr(tiny_family_checkpoints, kind)), "--max-new-tokens", str(CLI_NEW_TOKENS)]
+        args += [arg for key in keys for arg in ("--image", str(cli_image_files[key]))]
+        args += ["--prompt", raw_prompt, "--raw"] if raw_prompt else ["--prompt", QUESTION]
+        futures[case] = pool.submit(_run_cli, args, env)
+    yield futures
+    pool.shutdown(wait=True)
+
+
+def _cli_reference_reply(reference: Reference, case: str, images) -> str:
+    raw_prompt, _ = CLI_CASES[case]
+    tokenizer = reference.tokenizer
+    if raw_prompt:
+        prompt = raw_prompt.replace("<image>", MARKERS[reference.kind])
+    else:
+        template_file = reference.folder / "chat_template.json"
+        template = (json.loads(template_file.read_text())["chat_template"] if template_file.is_file()
+                    else (reference.folder / "chat_template.jinja").read_text())
+        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": QUESTION}]
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], chat_template=template,
+                                               add_generation_prompt=True, tokenize=False)
+    inputs = reference.inputs(prompt, images)
+    if prompt.startswith(tokenizer.bos_token or "\0"):
+        # The rendered template holds the BOS text; the processor then tokenizes without adding another.
+        ids = inputs["input_ids"][0].tolist()
+        assert ids[:2] == [tokenizer.bos_token_id] * 2
+        inputs["input_ids"] = inputs["input_ids"][:, 1:]
+    _, tokens = reference.run(inputs, CLI_NEW_TOKENS)
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_reply_equals_transformers_reference(case, references, cli_runs):
+    kind = case.split("-")[0]
+    images = _images([CLI_IMAGES[key] for key in CLI_CASES[case][1]])
+    expected = _cli_reference_reply(references[kind], case, images)
+    run = cli_runs[case].result()
+    assert run.returncode == 0, run.describe()
+    assert expected, "the reference produced an empty reply; the comparison would prove nothing"
+    assert run.stdout == expected + "\n", run.describe()
+    assert "Traceback" not in run.stderr, run.describe()
+
+
+def test_cli_help_names_the_image_token():
+    import cli
+
+    help_text = cli.build_parser().format_help()
+    assert "<image>" in help_text and "[IMG]" in help_text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Opt-in: the real PixtralProcessor (needs torchvision, which the project does not require)
+
+
+@pytest.mark.parametrize("kind", ("pixtral", "mistral3"))
+def test_real_pixtral_processor_expands_like_ours(kind, ours, tiny_family_checkpoints):
+    pytest.importorskip("torchvision")
+    from transformers import AutoProcessor
+
+    folder = getattr(tiny_family_checkpoints, kind)
+    processor = AutoProcessor.from_pretrained(str(folder))
+    images = _images([(70, 45), (20, 33)])
+    prompt = "[INST][IMG] and [IMG]?[/INST]"
+    expected = processor(images=images, text=prompt, return_tensors="pt")
+    prepared, *_ = run_ours(ours[kind], prompt, images, new_tokens=1, marker="[IMG]")
+    assert prepared.input_ids.tolist() == expected["input_ids"].tolist()
