@@ -45,6 +45,9 @@ says how busy it was). Definitions:
 * ``text_turn_overhead_ms``: median ``LlavaPipeline.prepare`` of a text-only prompt (no images) minus
   median ``tokenizer(text)`` + ``embed_tokens`` of the same text (same ids, checked).
 
+``--families vipllava,pixtral,...`` adds one row per checkpoint family under ``families``: the vision encode
+of a 1024x768 image at the family's real shape, ours / the family's ``get_image_features`` (bench_families.py).
+
 ``--ablation`` also times the truncated tower run through the stock transformers layers
 (``encode_fp32_plain_layers_ratio``): what truncation alone gives, before our layer forward.
 ``--tiny`` uses toy shapes to check the script itself in seconds (its numbers mean nothing).
@@ -65,6 +68,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as bc  # noqa: E402  (sets up sys.path and the offline environment)
+import bench_families  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -313,8 +317,12 @@ def parse_args(argv=None):
     parser.add_argument("--skip-bf16", action="store_true", help="skip the (slow on CPUs without bf16 units) bf16 encode")
     parser.add_argument("--ablation", action="store_true", help="also time the truncated tower with stock layers")
     parser.add_argument("--tiny", action="store_true", help="toy shapes: checks the script, numbers mean nothing")
-    parser.add_argument("--only", choices=("encode", "chat"), default=None,
-                        help="run one part: encode (+ preprocess) or chat (text turn + follow-up)")
+    parser.add_argument("--only", choices=("encode", "chat", "families"), default=None,
+                        help="run one part: encode (+ preprocess), chat (text turn + follow-up) or families")
+    parser.add_argument("--families", type=bench_families.parse_family_list, default=[],
+                        help="also time the vision encode of these checkpoint families (bench_families.py; "
+                             f"comma-separated from {','.join(bench_families.BUILDERS)}); slow at real shapes")
+    parser.add_argument("--family-reps", type=int, default=3, help="timed rounds per family (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--tmp", type=Path, default=None, help="where to write the checkpoints (default: a temp dir)")
     return parser.parse_args(argv)
@@ -345,6 +353,9 @@ def main(argv=None) -> int:
             bench_encode(Path(tmp), args, shapes, result)
         if args.only in (None, "chat"):
             bench_chat(Path(tmp), args, shapes, result)
+        if args.families and args.only in (None, "families"):
+            result["families"] = bench_families.bench_families(args.families, Path(tmp), reps=args.family_reps,
+                                                               tiny=args.tiny)
     result["load_average_end"] = round(os.getloadavg()[0], 2)
     result["targets"] = TARGETS
     result["targets_met"] = bc.targets_met(result, TARGETS)

@@ -53,6 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as bc  # noqa: E402  (sets up sys.path and the offline environment)
+import bench_families  # noqa: E402
 import torch  # noqa: E402
 
 TEXT_TOKENS = 47
@@ -347,6 +348,9 @@ def parse_args(argv=None):
     parser.add_argument("--encode-reps", type=int, default=50)
     parser.add_argument("--dry-run", action="store_true", help="CPU, toy shapes: checks the script only")
     parser.add_argument("--tmp", type=Path, default=None, help="where to write the checkpoint (default: a temp dir)")
+    parser.add_argument("--families", type=bench_families.parse_family_list, default=[],
+                        help="also time the fp16 vision encode of these checkpoint families (bench_families.py)")
+    parser.add_argument("--family-reps", type=int, default=10)
     return parser.parse_args(argv)
 
 
@@ -364,6 +368,12 @@ def main(argv=None) -> int:
         bench.bench_ttft()
         bench.bench_followup()
         bench.bench_memory()
+        if args.families:
+            device = "cpu" if args.dry_run else "cuda:0"
+            bench.result["families"] = bench_families.bench_families(
+                args.families, Path(tmp), device=device, dtype=torch.float32 if args.dry_run else torch.float16,
+                reps=args.family_reps, tiny=args.dry_run,
+                synchronize=None if args.dry_run else torch.cuda.synchronize)
     bench.result["total_s"] = round(time.perf_counter() - started, 1)
     bench.result["targets"] = TARGETS
     bench.result["targets_met"] = bc.targets_met(bench.result, TARGETS)

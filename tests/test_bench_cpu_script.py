@@ -25,3 +25,19 @@ def test_bench_cpu_tiny_run_reports_every_key(tmp_path):
     # Exact paths stay exact on the toy shapes too.
     assert result["encode_fp32_max_abs_diff"] == 0.0
     assert result["preprocess_max_abs_diff"] == 0.0 and result["preprocess_pad_max_abs_diff"] == 0.0
+
+
+def test_bench_families_tiny_run_reports_a_row_per_family(tmp_path):
+    command = [sys.executable, str(REPO_ROOT / "bench" / "bench_cpu.py"), "--tiny", "--only", "families",
+               "--families", "vipllava,pixtral,mistral3", "--family-reps", "1", "--tmp", str(tmp_path)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    rows = json.loads(finished.stdout.strip().splitlines()[-1])["families"]
+    assert set(rows) == {"vipllava", "pixtral", "mistral3"}
+    for name, row in rows.items():
+        assert row["max_abs_diff"] == 0.0, name  # exact on the toy shapes too
+        assert isinstance(row["ratio"], float) and row["feature_rows"] > 0, name
+    # Pixtral keeps the 4:3 aspect (64x48 px at 8 px patches); Mistral 3 merges 2x2 patches.
+    assert (rows["pixtral"]["feature_rows"], rows["pixtral"]["prompt_positions"]) == (48, 54)
+    assert (rows["mistral3"]["feature_rows"], rows["mistral3"]["prompt_positions"]) == (12, 15)

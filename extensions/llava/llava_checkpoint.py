@@ -17,6 +17,7 @@ Nothing here touches the GPU; tensors are read on the CPU, only the ones asked f
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -561,6 +562,9 @@ class _TextOnlyLoader:
 
         text_config = getattr(config, "text_config", None)
         if text_config is not None and not hasattr(config, "mm_vision_tower"):
+            # As load_language_model: lm_head is tied when the composite config says so (Mistral3Config).
+            text_config = copy.deepcopy(text_config)
+            text_config.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", text_config.tie_word_embeddings))
             return AutoModelForCausalLM.from_config(text_config, **kwargs)
         base_type = ORIGINAL_TEXT_MODEL_TYPES.get(getattr(config, "model_type", ""))
         if base_type and text_config is None:

@@ -228,10 +228,17 @@ class LlavaPipeline:
     # ------------------------------------------------------------------------------------------ images
 
     def load_image(self, source, *, name: str):
-        """Decode one image with this pipeline's limits; raises ``llava_image_io.ImageError``."""
-        return llava_image_io.load_image(
+        """Decode one image with this pipeline's limits and check that its family can lay it out (a
+        Pixtral-family image cannot be thinner than one pixel once scaled to fit); raises
+        ``llava_image_io.ImageError`` naming the image."""
+        image = llava_image_io.load_image(
             source, name=name, max_pixels=self.settings.max_pixels, exif_transpose=self.settings.exif_transpose
         )
+        try:
+            self.layout(image.size)
+        except ValueError as exc:
+            raise llava_image_io.ImageError(name, str(exc)) from exc
+        return image
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[Any], should_stop=None, keys: Sequence[Any] | None = None) -> list[torch.Tensor]:
@@ -370,7 +377,10 @@ class LlavaPipeline:
         layouts = {}
         for part in parts:
             if isinstance(part, ImageRef):
-                layouts[part.index] = self.layout(image_sizes[part.index] if image_sizes is not None else None)
+                try:
+                    layouts[part.index] = self.layout(image_sizes[part.index] if image_sizes is not None else None)
+                except ValueError as exc:  # e.g. an image too thin for Pixtral's resize
+                    raise LlavaInputError(f"image {part.index + 1}: {exc}") from exc
         if self.spec.tokenization == "chunks":
             return self._tokenize_chunks(parts, tokenizer, bos, {i: l.feature_rows for i, l in layouts.items()})
         return self._tokenize_inline(parts, tokenizer, bos, layouts)
