@@ -188,6 +188,36 @@ def test_report_max_logit_delta(record_property):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# webui's loader: AutoModelForCausalLM routed to the language model alone
+
+
+def test_auto_model_for_causal_lm_loads_the_language_model_alone(tiny_family_checkpoints, references):
+    """What webui's Transformers loader calls (``from_pretrained``; ``from_config`` under init_empty_weights to
+    plan 8-bit device maps) gives the text model, with the reference's weights and tying."""
+    import llava_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 5, 30, 31, 32, 40, 2]])
+    for kind in FAMILIES:
+        folder = getattr(tiny_family_checkpoints, kind)
+        with pytest.raises(ValueError):  # stock transformers refuses these configs for a causal LM
+            AutoModelForCausalLM.from_pretrained(str(folder))
+    llava_checkpoint.register_with_transformers()
+    for kind in FAMILIES:
+        folder = getattr(tiny_family_checkpoints, kind)
+        reference = references[kind].model
+        auto = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        assert not [name for name in auto.state_dict() if "vision" in name or "projector" in name]
+        with torch.no_grad():
+            theirs = reference(input_ids=ids).logits
+            torch.testing.assert_close(auto(ids).logits, theirs, atol=0, rtol=0)
+        empty = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)))
+        assert type(empty) is type(auto)
+        tied = empty.lm_head.weight.data_ptr() == empty.get_input_embeddings().weight.data_ptr()
+        assert tied == bool(reference.config.tie_word_embeddings), kind
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Preprocessing and token counts against the family's processor
 
 GEOMETRIES = [(1, 1), (64, 64), (65, 64), (64, 65), (63, 1), (1, 63), (70, 45), (45, 70), (20, 33), (7, 130),

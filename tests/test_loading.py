@@ -280,6 +280,17 @@ def test_register_with_transformers_routes_llava_dirs_to_the_text_model(
             torch.testing.assert_close(auto(token_ids).logits, direct(token_ids).logits, atol=0, rtol=0)
 
 
+def test_auto_from_config_builds_the_empty_text_model(tiny_checkpoints, restore_transformers_registry):
+    """webui plans 8-bit device maps with ``AutoModelForCausalLM.from_config(config)`` under init_empty_weights;
+    transformers calls ``_from_config`` on the registered class."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+    llava_checkpoint.register_with_transformers()
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(tiny_checkpoints.hf)), trust_remote_code=None)
+    assert type(model) is LlamaForCausalLM
+    assert model.config.hidden_size == 64 and not [n for n in model.state_dict() if "vision" in n]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Where the vision tower comes from
 

@@ -554,6 +554,11 @@ class _TextOnlyLoader:
         return load_language_model(local, **kwargs)
 
     @classmethod
+    def _from_config(cls, config, **kwargs):
+        """What ``AutoModelForCausalLM.from_config`` calls on the mapped class (transformers 5)."""
+        return cls.from_config(config, **kwargs)
+
+    @classmethod
     def from_config(cls, config, **kwargs):
         """Build the empty text model (webui does this under ``init_empty_weights`` to plan 8-bit device
         maps). Only configs that carry the real text dimensions can be used: llava-hf ``text_config``,
