@@ -183,6 +183,39 @@ def test_family_specs(ours, tiny_family_checkpoints):
     assert not ours["pixtral"][1].config.tie_word_embeddings
 
 
+def test_cache_serves_variable_size_images_without_the_tower(ours, monkeypatch):
+    """Pixtral images of different sizes are cached per content like CLIP ones; a cached image never
+    reaches the tower again."""
+    pipeline = ours["pixtral"][0]
+    pipeline.cache.clear()
+    images = _images([(70, 45), (20, 33)])
+    first = pipeline.encode_images(images, keys=["a", "b"])
+    calls = []
+    monkeypatch.setattr(pipeline, "encode_pixels", lambda pixels: calls.append(pixels.shape))
+    again = pipeline.encode_images(images, keys=["a", "b"])
+    assert calls == []
+    assert [tuple(t.shape) for t in first] == [(48, 64), (15, 64)]
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_vision_in_bfloat16_stays_close(kind, tiny_family_checkpoints, ours):
+    """The vision part at the extension's precision setting (bf16 here) runs for every family and stays near
+    fp32 (the projector in fp32 too: only the tower's precision changes)."""
+    from llava_pipeline import LlavaPipeline, VisionSettings
+
+    folder = getattr(tiny_family_checkpoints, kind)
+    bf16 = LlavaPipeline.load(folder, VisionSettings(clip_device="cpu", projector_device="cpu", clip_bits="bf16"),
+                              lm_hidden_size=64)
+    assert next(bf16.tower.parameters()).dtype == torch.bfloat16
+    image = _images([(70, 45)])
+    fp32_rows = ours[kind][0]._encode_fresh(image)[0]
+    bf16_rows = bf16._encode_fresh(image)[0]
+    assert bf16_rows.dtype == torch.float32 and bf16_rows.shape == fp32_rows.shape
+    assert (bf16_rows - fp32_rows).norm() / fp32_rows.norm() < 0.05
+
+
 def test_report_max_logit_delta(record_property):
     report_max_logit_delta(record_property, max_abs_logit_delta, ATOL)
 
