@@ -43,10 +43,14 @@ def has_slots(prompt: str) -> bool:
     return SLOT_OPEN in prompt
 
 
-def place_slots(text: str, slots: Sequence[str], placement: str, marker: str = IMAGE_MARKER) -> str:
-    """A message's text with its image slots placed (``llava_prompt.place_images``, newlines as
-    ``IMAGE_NEWLINE``); ``""`` in ``slots`` stands for an image without a slot."""
-    return place_images(text, slots, placement, marker, newline=IMAGE_NEWLINE)
+def place_slots(text: str, slots: Sequence[str], placement: str, marker: str = IMAGE_MARKER,
+                separator: str = "\n") -> str:
+    """A message's text with its image slots placed (``llava_prompt.place_images``); ``""`` in ``slots``
+    stands for an image without a slot. ``separator`` is what follows each image before the text (the
+    family's ``image_text_separator``): ``"\n"``, written as ``IMAGE_NEWLINE``, for the llava-hf templates
+    (``<image>\n``); nothing for Pixtral, Mistral 3 and Aya Vision, whose templates write the image token
+    straight before the text."""
+    return place_images(text, slots, placement, marker, newline=IMAGE_NEWLINE if separator == "\n" else separator)
 
 
 @dataclass

@@ -24,7 +24,7 @@ projector          a module class: ``Class.load(spec, weights, tower=..., lm_hid
 image plan         ``plan(PlanContext) -> ImagePlan`` (``llava_plan``): per checkpoint, the pixels of an image,
                    the packing of its projected features, and the token layout of its slot in the prompt.
 text side          the transformers config class that webui's loader must route to the text-only language
-                   model, and the default text ``model_type``.
+                   model, the default text ``model_type``, the separator between an image and the text after it.
 =================  ==========================================================================================
 
 Token layout. As the transformers processors do, one image expands to a replacement text:
@@ -100,6 +100,9 @@ class Family:
     cls_rule: str = "strategy"
     #: The image token's text when ``processor_config.json`` does not name it.
     image_token_text: str = "<image>"
+    #: What the checkpoint's chat template writes between an image and the text that follows it in the
+    #: same message (``"<image>\n"`` for llava-hf templates, nothing after Pixtral's ``[IMG]``).
+    image_text_separator: str = "\n"
     config_fields: Callable[[dict], dict] = field(default=lambda config: {})
 
     def tower_class(self, vision_type: str | None) -> type:
@@ -206,7 +209,7 @@ register(Family(
     name="pixtral", model_type="llava", vision_types=("pixtral",),
     reference_class="LlavaForConditionalGeneration", config_class="LlavaConfig",
     plan=llava_pixtral.PixtralPlan.from_checkpoint, text_model_type="mistral", default_feature_layer=-1,
-    cls_rule="none", image_token_text=llava_pixtral.IMAGE_TOKEN,
+    cls_rule="none", image_token_text=llava_pixtral.IMAGE_TOKEN, image_text_separator="",
     config_fields=_pixtral_llava_fields,
 ))
 register(Family(
@@ -214,5 +217,5 @@ register(Family(
     reference_class="Mistral3ForConditionalGeneration", config_class="Mistral3Config",
     plan=llava_pixtral.PixtralPlan.from_checkpoint, projector=llava_pixtral.Mistral3Projector,
     projector_kind="mistral3", text_model_type="mistral", default_feature_layer=-1, cls_rule="none",
-    image_token_text=llava_pixtral.IMAGE_TOKEN,
+    image_token_text=llava_pixtral.IMAGE_TOKEN, image_text_separator="",
 ))

@@ -547,6 +547,7 @@ def _slot_history(pipeline, user_input: str, state, kwargs):
     images: list[list[str]] = []
     placement = _placement(pipeline)
     marker = pipeline.spec.image_token_text or "<image>"
+    separator = pipeline.family.image_text_separator
     counter = 0
 
     def slots_for(entries) -> list[str]:
@@ -570,8 +571,9 @@ def _slot_history(pipeline, user_input: str, state, kwargs):
         # Every text of the history is neutralized (assistant and system texts come from API clients too),
         # so the only slots in the prompt are the ones written here.
         rest = [llava_chat.neutralize(value) if isinstance(value, str) else value for value in row[1:]]
-        new_rows.append([llava_chat.place_slots(clean, slots_for(entries), placement, marker), *rest])
-    new_input = llava_chat.place_slots(llava_chat.neutralize(current_text), slots_for(current_images), placement, marker)
+        new_rows.append([llava_chat.place_slots(clean, slots_for(entries), placement, marker, separator), *rest])
+    new_input = llava_chat.place_slots(llava_chat.neutralize(current_text), slots_for(current_images), placement, marker,
+                                       separator)
     new_metadata = {
         key: (dict(value, attachments=[a for a in value.get("attachments", []) if a.get("type") != "image"])
               if isinstance(value, dict) and "attachments" in value else value)
