@@ -116,3 +116,18 @@ def test_every_family_names_real_transformers_classes():
         assert hasattr(transformers, family.reference_class), family.name
         config_class = getattr(transformers, family.config_class)
         assert config_class.model_type == family.model_type, family.name
+
+
+def test_every_module_that_logs_is_routed_to_webuis_log():
+    """script.py hands the records of each pipeline module's logger to webui's handlers; a new module (such
+    as a family's) must be on that list, or its log lines vanish inside webui."""
+    import ast
+
+    from conftest import EXTENSION_DIR
+
+    tree = ast.parse((EXTENSION_DIR / "script.py").read_text(encoding="utf-8"))
+    routed = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                  and getattr(node.targets[0], "id", None) == "PIPELINE_LOGGERS")
+    logging_modules = {path.stem for path in EXTENSION_DIR.glob("llava_*.py")
+                       if "logging.getLogger(__name__)" in path.read_text(encoding="utf-8")}
+    assert logging_modules and logging_modules <= set(routed), sorted(logging_modules - set(routed))

@@ -281,7 +281,8 @@ def _api_user_messages(state) -> list[tuple[str, list[str]]]:
 
 
 PIPELINE_LOGGERS = ("llava_checkpoint", "llava_vision", "llava_pipeline", "llava_preprocess", "llava_image_io",
-                    "llava_prompt", "llava_next", "llava_cache", "llava_autoload", "llava_family", "llava_plan")
+                    "llava_prompt", "llava_next", "llava_cache", "llava_autoload", "llava_family", "llava_plan",
+                    "llava_pixtral")
 
 
 def _route_pipeline_logs() -> None:
