@@ -291,6 +291,24 @@ def test_too_thin_an_image_is_refused_by_name(kind, ours):
         pipeline.layout((300, 4))
 
 
+def test_processor_settings_that_do_not_fit_the_model_are_refused(tiny_family_checkpoints, ours, tmp_path):
+    import shutil
+
+    from llava_checkpoint import CheckpointError
+    from llava_pipeline import LlavaPipeline
+
+    folder = tmp_path / "mistral3"
+    shutil.copytree(tiny_family_checkpoints.mistral3, folder)
+    settings = json.loads((folder / "processor_config.json").read_text())
+    (folder / "processor_config.json").write_text(json.dumps({**settings, "spatial_merge_size": 1}))
+    with pytest.raises(CheckpointError, match="spatial_merge_size 1, the model 8 and 2"):
+        LlavaPipeline.load(folder, CPU, lm_hidden_size=64)
+    # Without processor_config.json the model's own patch and merge sizes apply.
+    (folder / "processor_config.json").unlink()
+    pipeline = LlavaPipeline.load(folder, CPU, lm_hidden_size=64)
+    assert pipeline.layout((70, 45)).feature_rows == ours["mistral3"][0].layout((70, 45)).feature_rows == 12
+
+
 def test_mistral3_projector_matches_the_reference_projector(ours, references):
     """The projector alone (RMS norm, 2x2 patch merge, MLP) on two images of one size in one batch."""
     pipeline, model = ours["mistral3"][0], references["mistral3"].model

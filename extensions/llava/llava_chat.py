@@ -45,10 +45,11 @@ def has_slots(prompt: str) -> bool:
 
 def place_slots(text: str, slots: Sequence[str], placement: str, marker: str = IMAGE_MARKER,
                 separator: str = "\n") -> str:
-    """A message's text with its image slots placed (``llava_prompt.place_images``, newlines as
-    ``IMAGE_NEWLINE``); ``""`` in ``slots`` stands for an image without a slot. ``separator`` is what
-    the family's chat template writes between an image and its text (``llava_family.Family.
-    image_text_separator``): ``"\n"`` is written as ``IMAGE_NEWLINE``, anything else as it is."""
+    """A message's text with its image slots placed (``llava_prompt.place_images``); ``""`` in ``slots``
+    stands for an image without a slot. ``separator`` is what follows each image before the text (the
+    family's ``image_text_separator``): ``"\n"``, written as ``IMAGE_NEWLINE``, for the llava-hf templates
+    (``<image>\n``); nothing for Pixtral, Mistral 3 and Aya Vision, whose templates write the image token
+    straight before the text."""
     return place_images(text, slots, placement, marker, newline=IMAGE_NEWLINE if separator == "\n" else separator)
 
 

@@ -255,10 +255,11 @@ class PixtralPlan(ImagePlan):
                                   "processor settings); it is incomplete")
         processor_path = Path(spec.model_dir) / "processor_config.json"
         processor = llava_checkpoint._read_json(processor_path) if processor_path.is_file() else {}
-        # PixtralProcessor's own defaults when processor_config.json does not say.
-        patch = int(processor.get("patch_size", 16))
-        merge = int(processor.get("spatial_merge_size", 1))
+        # The processor's cell must be the model's (patch x spatial_merge_size), or the [IMG] count would not
+        # match the features; a processor_config.json that does not say takes the model's values.
         model_merge = int(spec.hf_config.get("spatial_merge_size", 1))
+        patch = int(processor.get("patch_size", tower.patch_size))
+        merge = int(processor.get("spatial_merge_size", model_merge))
         if patch != tower.patch_size or merge != model_merge:
             raise CheckpointError(
                 f"processor_config.json says patch_size {patch} and spatial_merge_size {merge}, the model "

@@ -282,7 +282,7 @@ def _api_user_messages(state) -> list[tuple[str, list[str]]]:
 
 PIPELINE_LOGGERS = ("llava_checkpoint", "llava_vision", "llava_pipeline", "llava_preprocess", "llava_image_io",
                     "llava_prompt", "llava_next", "llava_cache", "llava_autoload", "llava_family", "llava_plan",
-                    "llava_pixtral")
+                    "llava_pixtral", "llava_templates")
 
 
 def _route_pipeline_logs() -> None:
@@ -627,16 +627,19 @@ def custom_tokenized_length(prompt):
 def _slots_for_counting(pipeline, prompt: str) -> str:
     """A prompt webui built with its own markers (Count tokens, /v1/internal/chat-prompt; image sizes
     unknown) written as the extension would place its images: each run of ``<__media__>`` + ``"\\n\\n"``
-    becomes one slot + image newline per image, at the tower's size. Without "embed all", only the last
-    run (the most recent message with images) keeps its images."""
-    size = (pipeline.tower.image_size, pipeline.tower.image_size)
+    becomes one slot + the family's separator per image (an image newline for the llava-hf templates), at
+    the plan's nominal size (the tower's input size; Pixtral: its longest edge, square). Without "embed
+    all", only the last run (the most recent message with images) keeps its images."""
+    size = pipeline.plan.nominal_size
+    separator = pipeline.family.image_text_separator
+    separator = llava_chat.IMAGE_NEWLINE if separator == "\n" else separator
     runs = list(re.finditer(f"((?:{re.escape(MEDIA_MARKER)})+)(\n\n)?", prompt))
     keep_all = bool(params["add_all_images_to_prompt"])
     replacements = []
     for number, run in enumerate(runs):
         count = run.group(1).count(MEDIA_MARKER)
         kept = keep_all or number == len(runs) - 1
-        text = "".join(llava_chat.slot(0, size) + llava_chat.IMAGE_NEWLINE for _ in range(count)) if kept else ""
+        text = "".join(llava_chat.slot(0, size) + separator for _ in range(count)) if kept else ""
         replacements.append((run.start(), run.end(), text))
     return llava_chat.replace_spans(prompt, replacements)
 
@@ -802,7 +805,7 @@ def _slots_for_raw_images(pipeline, state, prompt):
     text = llava_chat.neutralize(prompt)
     marker = pipeline.spec.image_token_text or "<image>"
     if marker in text:
-        return llava_chat.place_slots(text, slots, "before", marker), images
+        return llava_chat.place_slots(text, slots, "before", marker, pipeline.family.image_text_separator), images
     bos = getattr(shared.tokenizer, "bos_token", None) or ""
     head = bos if bos and text.startswith(bos) else ""
     return head + "".join(slots) + text[len(head):], images
