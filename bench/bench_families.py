@@ -220,8 +220,9 @@ def build_vision_only(model_class, config, device, dtype, seed: int):
                     parameter.normal_(0.0, 0.02, generator=generator)
                 parameter.copy_(parameter.to(torch.float16))
     if isinstance(getattr(model.model, "image_newline", None), torch.nn.Parameter):  # OneVision
-        newline = torch.randn(model.model.image_newline.shape, generator=generator, device=device) * 0.02
-        model.model.image_newline = torch.nn.Parameter(newline.to(dtype=dtype), requires_grad=False)
+        newline = (torch.randn(model.model.image_newline.shape, generator=generator, device=device) * 0.02)
+        # Rounded to fp16 like every other weight: the checkpoint stores it in fp16.
+        model.model.image_newline = torch.nn.Parameter(newline.to(torch.float16).to(dtype), requires_grad=False)
     tower = model.model.vision_tower
     if hasattr(tower, "embeddings"):  # CLIP
         positions = tower.embeddings.position_ids
