@@ -24,12 +24,15 @@ projector          a module class: ``Class.load(spec, weights, tower=..., lm_hid
 image plan         ``plan(PlanContext) -> ImagePlan`` (``llava_plan``): per checkpoint, the pixels of an image,
                    the packing of its projected features, and the token layout of its slot in the prompt.
 text side          the transformers config class that webui's loader must route to the text-only language
-                   model, the default text ``model_type``, the separator between an image and the text after it.
+                   model, the default text ``model_type``, the separator between an image and the text after it,
+                   and text-config fields that make that model's logits the reference's (``text_overrides``).
 =================  ==========================================================================================
 
 Token layout. As the transformers processors do, one image expands to a replacement text:
 ``SlotLayout`` runs of single tokens (``llava_prompt``): LLaVA ``<image>`` x 576; Pixtral rows of
-``[IMG]`` x cols + ``[IMG_BREAK]``, the last row ending ``[IMG_END]``. The prompt is tokenized once with
+``[IMG]`` x cols + ``[IMG_BREAK]``, the last row ending ``[IMG_END]``; Aya Vision's tile labels are runs of
+ordinary text (``TokenRun.ids``). An image's layout may depend on how many images its prompt holds
+(LLaVA-OneVision tiles an image only when it is alone: ``ImagePlan.for_prompt``). The prompt is tokenized once with
 each run spelled once and the ids expanded (``LlavaPipeline._tokenize_inline``), and the image's feature
 rows fill the positions of its ``image`` runs in order; the other tokens of the slot are ordinary
 embedded tokens. The count of feature rows must equal the count of image positions: the splice checks it
