@@ -131,6 +131,9 @@ class _Vision:
             spec, error = None, exc
         else:
             error = None
+        if spec is not None and hasattr(model, "register_forward_hook"):
+            # Usually done by the loader already; this covers a model loaded before setup() gave it the source.
+            llava_checkpoint.mask_ids_past_tokenizer(model, _tokenizer_size)
         if spec is None:
             self.status = f"{name} is not a LLaVA checkpoint: vision inactive."
             if error is not None:
@@ -173,6 +176,31 @@ _fresh_decodes = BoundedLRU(24_000_000, cost=lambda image: image.width * image.h
 # tokenizer_modifier -> logits_processor_modifier hand-off; both run in the request's thread, one after
 # the other, so a thread-local never crosses requests or users.
 _request_local = threading.local()
+
+
+class _TokenizerSize:
+    """``len(shared.tokenizer)``: ids at or past it have no token (llava_checkpoint.mask_ids_past_tokenizer).
+    Asked on every forward, so remembered per tokenizer object (``len()`` of a tokenizer costs ~0.1 ms)."""
+
+    def __init__(self):
+        self._known = (None, 0)  # (weak reference to a tokenizer, its len()), replaced as one tuple
+
+    def __call__(self) -> int | None:
+        tokenizer = shared.tokenizer
+        if tokenizer is None:
+            return None
+        reference, size = self._known
+        if reference is not None and reference() is tokenizer:
+            return size
+        size = len(tokenizer)
+        try:
+            self._known = (weakref.ref(tokenizer), size)
+        except TypeError:  # no weak references to this object: ask it every time
+            pass
+        return size
+
+
+_tokenizer_size = _TokenizerSize()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -304,7 +332,7 @@ def setup():
     try:
         import llava_checkpoint
 
-        llava_checkpoint.register_with_transformers()
+        llava_checkpoint.register_with_transformers(tokenizer_size=_tokenizer_size)
     except Exception:  # noqa: BLE001 - without it LLaVA folders do not load; say so, keep webui running
         logger.exception("llava: could not register the LLaVA loader with transformers")
     _install_instruction_templates()
@@ -834,26 +862,7 @@ def logits_processor_modifier(processor_list, input_ids):
         return processor_list
     if limit is not None and tokenizer.eos_token_id is not None:
         processor_list.append(_ContextLimit(limit, tokenizer.eos_token_id))
-    if _vision.pipeline is not None and shared.model is not None:
-        # llava-hf pads the vocabulary (32064 rows for 32002 tokens) with random rows; an id past the
-        # tokenizer cannot be decoded and breaks webui's streaming, so those ids are never chosen.
-        rows = shared.model.get_input_embeddings().weight.shape[0]
-        if rows > len(tokenizer):
-            processor_list.append(_VocabLimit(len(tokenizer)))
     return processor_list
-
-
-class _VocabLimit:
-    """Logits processor: ids at or beyond ``size`` (padding rows without a token) get -inf."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, input_ids, scores):
-        if scores.shape[-1] > self.size:
-            scores = scores.clone()
-            scores[:, self.size:] = float("-inf")
-        return scores
 
 
 class _ContextLimit:
