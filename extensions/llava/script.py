@@ -11,8 +11,10 @@ Request flow (details in README.md):
   build and truncate the prompt, with ``custom_tokenized_length`` counting image positions exactly.
 * ``tokenizer_modifier`` turns the slots into embeddings (cached by image content) and returns
   ``input_ids`` as long as ``inputs_embeds``. Paths that bypass the chat-prompt hook (impersonate,
-  /v1/completions) are handled there from webui's own ``<__media__>`` markers or ``raw_images``.
+  /v1/completions) are handled there from webui's own ``<__media__>`` markers or the request's messages.
 * Problems (bad image, images out of context, a non-LLaVA model) are logged and shown above the reply.
+  API requests with an image that cannot be used fail with HTTP 400 (``llava_api`` checks them before
+  webui answers, and turns an error inside a started stream into an error event).
 
 Per-request data lives in ``state`` (deep-copyable strings only); module globals hold only the loaded
 vision modules, caches and settings, shared by all users like ``shared.model`` is.
@@ -37,6 +39,7 @@ if str(_HERE) not in sys.path:
 from modules import shared  # noqa: E402
 from modules.logging_colors import logger  # noqa: E402
 
+import llava_api  # noqa: E402
 import llava_chat  # noqa: E402
 import llava_image_io  # noqa: E402
 from llava_cache import BoundedLRU  # noqa: E402
@@ -280,11 +283,14 @@ def _source_key(source) -> str:
     return llava_image_io.source_digest(source) + f":{params.get('exif_transpose')}:{params.get('max_image_pixels')}"
 
 
+NOT_INLINE = "only inline (data: URL) images are accepted; send the image data, not a link"
+
+
 def _usable_source(state, name: str, source) -> bool:
     """Only inline data is accepted: a path or URL from a request is never opened or fetched."""
     if isinstance(source, str) and source.startswith("data:"):
         return True
-    _notify(state, f"{name}: only inline (data: URL) images are accepted; it was not shown to the model")
+    _notify(state, f"{name}: {NOT_INLINE}; it was not shown to the model")
     return False
 
 
@@ -310,7 +316,7 @@ def _api_user_messages(state) -> list[tuple[str, list[str]]]:
 
 PIPELINE_LOGGERS = ("llava_checkpoint", "llava_vision", "llava_pipeline", "llava_preprocess", "llava_image_io",
                     "llava_prompt", "llava_next", "llava_cache", "llava_autoload", "llava_family", "llava_plan",
-                    "llava_pixtral", "llava_templates")
+                    "llava_pixtral", "llava_templates", "llava_api")
 
 
 def _route_pipeline_logs() -> None:
@@ -336,7 +342,49 @@ def setup():
     except Exception:  # noqa: BLE001 - without it LLaVA folders do not load; say so, keep webui running
         logger.exception("llava: could not register the LLaVA loader with transformers")
     _install_instruction_templates()
+    _install_api_guard()
     _vision.current()
+
+
+def _install_api_guard() -> None:
+    """Check the images of API requests before webui answers them (see llava_api). webui starts its API
+    right after the extensions' setup(), so the guard is in place before the first request."""
+    if not (getattr(shared.args, "api", False) or getattr(shared.args, "public_api", False)):
+        return
+    try:
+        from modules.api import script as api_script
+
+        how = llava_api.install(api_script.app, llava_api.GuardHooks(active=_guard_active, check_image=_guard_check))
+    except Exception:  # noqa: BLE001 - without it the hooks still refuse bad images, only less cleanly
+        logger.exception("llava: could not install the API image check")
+        return
+    logger.info("llava: API image check installed %s", how)
+
+
+def _guard_active(headers: dict, kind: str) -> bool:
+    """Check this API request's images? Not when webui will refuse it anyway (its Host-header and API
+    key checks, modules/api/script.py), so that a stranger's request costs no decoding and learns
+    nothing; not when the loaded model cannot see images."""
+    args = shared.args
+    if not (getattr(args, "listen", False) or getattr(args, "public_api", False)):
+        if headers.get("host", "").split(":")[0] not in ("localhost", "127.0.0.1"):
+            return False
+    key = getattr(args, "api_key", "")
+    if key:
+        given = headers.get("x-api-key") if kind == "anthropic" else headers.get("authorization")
+        if given != (key if kind == "anthropic" else f"Bearer {key}"):
+            return False
+    return _vision.current() is not None
+
+
+def _guard_check(name: str, url: str) -> None:
+    """Raise ValueError naming the image and the reason unless the hooks will be able to use it. The
+    decoded size (and the picture, for the splice) are kept by content, so this costs no second decode."""
+    if not url.startswith("data:"):
+        raise llava_api.ImageProblem(f"{name}: {NOT_INLINE}")
+    pipeline = _vision.current()
+    if pipeline is not None:
+        _check_image(pipeline, name, url)
 
 
 def _install_instruction_templates() -> None:
@@ -563,6 +611,8 @@ def _slot_history(pipeline, user_input: str, state, kwargs):
             break
         name, source = every_image[position]
         is_new = position >= first_new
+        if is_api and not (isinstance(source, str) and source.startswith("data:")):
+            raise _ApiImageError(f"{name}: {NOT_INLINE}")  # an API client never sees notices
         if not _usable_source(state if is_new or is_api else {}, name, source):
             continue
         try:
@@ -706,19 +756,22 @@ def tokenizer_modifier(state, prompt, input_ids, input_embeds):
         # webui built this prompt itself (impersonate, /v1/completions): any slot character in it was typed.
         prompt = llava_chat.neutralize(prompt)
     has_slots = llava_chat.has_slots(prompt)
-    if not has_slots and MEDIA_MARKER not in prompt and not state.get("raw_images"):
+    completion_images = _completion_images(state)
+    if not has_slots and MEDIA_MARKER not in prompt and not completion_images:
         return prompt, _reference_text_ids(prompt, input_ids, state), input_embeds  # text-only turn
     pipeline = _vision.current()
     if pipeline is None:
         if has_slots:  # cannot happen unless the model changed mid-request: drop the slots
             return prompt, _text_only_ids(llava_chat.strip_slots(prompt), state, input_ids), None
-        if state.get("raw_images"):
+        if completion_images:
             _warn_if_blind(state)
         return prompt, input_ids, input_embeds
     from llava_pipeline import EncodingCancelled
 
     try:
         return _splice(pipeline, state, prompt, input_ids)
+    except _ApiImageError as exc:  # an image the client sent cannot be used: the request fails (HTTP 400)
+        _raise_api_error(str(exc))
     except EncodingCancelled:
         logger.info("llava: Stop pressed while encoding images; generation stops too")
         return prompt, _text_only_ids(llava_chat.strip_slots(prompt), state, input_ids, pipeline), None
@@ -733,9 +786,9 @@ def _splice(pipeline, state, prompt, input_ids):
 
     if llava_chat.has_slots(prompt):
         slot_prompt, images = prompt, state.get(IMAGES) or []
-    elif state.get("raw_images"):
+    elif _completion_images(state):
         # /v1/completions: the prompt is the client's own text; a <__media__> in it was typed, not webui's.
-        slot_prompt, images = _slots_for_raw_images(pipeline, state, prompt)
+        slot_prompt, images = _slots_for_completion(pipeline, state, prompt)
     else:
         slot_prompt, images = _slots_from_markers(pipeline, state, prompt)
     slot_prompt, add_bos = pipeline.reference_prompt(slot_prompt, shared.tokenizer)
@@ -805,29 +858,47 @@ def _slots_from_markers(pipeline, state, prompt):
     return llava_chat.replace_spans(prompt, replacements), images
 
 
-def _slots_for_raw_images(pipeline, state, prompt):
-    """/v1/completions with messages: PIL images, no marker. ``<image>`` in the prompt places them;
-    otherwise they go at the start of the prompt (after a leading BOS text)."""
-    import io
+def _completion_images(state) -> list[tuple[str, object]]:
+    """``(name, source)`` of the images of a /v1/completions request, in message order.
 
+    Taken from the request's own ``messages`` (data URLs, decoded by the extension): webui's
+    ``raw_images`` lacks every image it could not decode, so an image the client sent would vanish
+    without a word. ``raw_images`` (PIL images) only when a request has no ``messages``.
+    Empty for chat requests (they carry ``history``).
+    """
+    if "history" in state:
+        return []
+    messages = state.get("messages")
+    if isinstance(messages, list):
+        images = []
+        for number, message in enumerate(messages, start=1):
+            content = message.get("content") if isinstance(message, dict) else None
+            images += [(f"image {index} of message {number}", url)
+                       for index, url in enumerate(llava_chat.api_image_urls(content), start=1)]
+        return images
+    return [(f"image {number} of the request", image)
+            for number, image in enumerate(state.get("raw_images") or [], start=1)]
+
+
+def _slots_for_completion(pipeline, state, prompt):
+    """/v1/completions with messages: images, no marker. ``<image>`` in the prompt places them;
+    otherwise they go at the start of the prompt (after a leading BOS text). An image that cannot be
+    used fails the request (``_ApiImageError``)."""
+    entries = _completion_images(state)
+    limit = int(params["max_images_per_request"])
+    if len(entries) > limit:
+        raise _ApiImageError(f"{len(entries)} images in this request exceed the limit of {limit} "
+                             "(setting llava-max_images_per_request)")
     images, slots = [], []
-    raw = list(state.get("raw_images") or [])[: int(params["max_images_per_request"])]
-    for number, image in enumerate(raw, start=1):
-        name = f"image {number} of the request"
-        buffer = io.BytesIO()
-        try:
-            image.save(buffer, format="PNG")
-        except Exception as exc:  # noqa: BLE001 - an undecodable image from the API
-            _notify(state, f"{name}: cannot be read ({_first_line(exc)})")
-            continue
-        import base64
-
-        source = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    for name, source in entries:
+        if not isinstance(source, str):
+            source = _png_data_url(source)  # a PIL image from webui's raw_images
+        elif not source.startswith("data:"):
+            raise _ApiImageError(f"{name}: {NOT_INLINE}")
         try:
             key, size = _check_image(pipeline, name, source)
-        except ValueError as exc:
-            _notify(state, str(exc))
-            continue
+        except ValueError as exc:  # ImageError: names the image and the reason
+            raise _ApiImageError(str(exc)) from exc
         slots.append(llava_chat.slot(len(images), size))
         images.append([name, source, key])
     text = llava_chat.neutralize(prompt)
@@ -837,6 +908,15 @@ def _slots_for_raw_images(pipeline, state, prompt):
     bos = getattr(shared.tokenizer, "bos_token", None) or ""
     head = bos if bos and text.startswith(bos) else ""
     return head + "".join(slots) + text[len(head):], images
+
+
+def _png_data_url(image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _text_only_ids(text: str, state, fallback, pipeline=None):
