@@ -428,55 +428,123 @@ def _template_for(spec, folder: Path, llava_templates) -> str | None:
     return llava_templates.adapt_checkpoint_template(folder, spec.image_token_text or "<image>")
 
 
+# The files webui's chat turns into image attachments (modules/chat.py add_message_attachment); any
+# other file goes to the model as a text or PDF attachment.
+WEBUI_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
 def ui():
-    """The panel under the chat: an image box that attaches its picture to the next message (as a
-    native webui attachment, so every later step treats it like one), the "embed all" checkbox and
-    the vision status."""
+    """The panel under the chat: a button that adds pictures to the chat box (as native webui
+    attachments, so every later step treats them like the paperclip's), what the next message will
+    carry and what the last one carried (with each picture's token cost), the "embed all" checkbox
+    and the vision status."""
     import gradio as gr
 
     with gr.Accordion("LLaVA", open=True, elem_id="llava-panel"):
-        status = gr.Markdown(value=lambda: _vision.status, elem_id="llava-status")
+        status = gr.Markdown(value=_current_status, elem_id="llava-status")
         with gr.Row():
-            # A file box, not gr.Image: Gradio would decode the picture itself and fail with a traceback on a
-            # broken file; the extension's own decoder reports it cleanly once the message is sent.
-            picture = gr.File(label="Image for the next message", file_types=["image"], type="filepath",
-                              elem_id="llava-image")
+            with gr.Column():
+                # A button, not a file box: in webui's Gradio build an upload through a gr.File raises
+                # "Cannot set properties of undefined (setting 'abort_controller')" in the page; an
+                # UploadButton (like the paperclip) does not. gr.Image would decode the picture itself and
+                # fail with a traceback on a broken file; the extension's own decoder reports it cleanly.
+                picture = gr.UploadButton("Add images to the next message", file_types=list(WEBUI_IMAGE_SUFFIXES),
+                                          file_count="multiple", type="filepath", size="sm", elem_id="llava-image")
+                pending = gr.Markdown(value=_pending_info(None), elem_id="llava-pending")
+                sent = gr.Markdown(value="", elem_id="llava-sent")
             with gr.Column():
                 embed_all = gr.Checkbox(value=bool(params["add_all_images_to_prompt"]),
                                         label="Embed all images, not only the last one", elem_id="llava-embed-all")
                 refresh = gr.Button("Refresh status", size="sm")
-                picture_info = gr.Markdown(value="", elem_id="llava-image-info")
     embed_all.change(lambda value: params.update(add_all_images_to_prompt=bool(value)), embed_all, None)
-    refresh.click(lambda: (_vision.current(), _vision.status)[1], None, status)
-    textbox = shared.gradio.get("textbox")
-    if textbox is not None:
-        picture.upload(_attach_to_textbox, [picture, textbox], [picture, textbox, picture_info])
+    refresh.click(_current_status, None, status)
+    textbox, sent_message = shared.gradio.get("textbox"), shared.gradio.get("Chat input")
+    if textbox is None:
+        return
+    # Whatever changes the chat box's files (this button, the paperclip, removing a file, sending the
+    # message, which empties the box) updates what the panel says is pending. The box's change event does
+    # not fire for this button's own update of it (and an event chained after it still reads the old
+    # value), so the button's handler says it itself.
+    picture.upload(_attach_to_textbox, [picture, textbox], [textbox, pending], show_progress="hidden")
+    textbox.change(_pending_info, [textbox], [pending], show_progress="hidden", trigger_mode="always_last")
+    if sent_message is not None:
+        # webui copies the chat box into this State when a message is sent, just before emptying the box.
+        sent_message.change(_sent_info, [sent_message, embed_all], [sent], show_progress="hidden")
+        sent_message.change(_current_status, None, [status], show_progress="hidden")
+        embed_all.change(_sent_info, [sent_message, embed_all], [sent], show_progress="hidden")
 
 
-def _attach_to_textbox(path, textbox_value):
-    """Move the uploaded picture into the chat box's files (it is sent with the next message) and say
-    how many prompt tokens it will take (LLaVA-NeXT counts depend on the image size)."""
+def _current_status() -> str:
+    """The vision status for the loaded model (on page load, after each message, on Refresh): a model
+    loaded from the Model tab or the API gets its vision modules here at the latest."""
+    _vision.current()
+    return _vision.status
+
+
+def _attach_to_textbox(paths, textbox_value):
+    """Add the uploaded pictures to the chat box's files (they are sent with the next message); returns
+    the chat box's new value and what the panel says is pending."""
     value = dict(textbox_value or {})
-    files = list(value.get("files") or [])
-    if path:
-        files.append(path)
-    value["files"] = files
+    value["files"] = list(value.get("files") or []) + [str(path) for path in (paths or []) if path]
     value.setdefault("text", "")
-    return None, value, _image_info(path)
+    return value, _pending_info(value)
+
+
+def _image_files(message) -> list[str]:
+    """The files of a chat box value (``{"text", "files"}``) that webui sends as images."""
+    if not isinstance(message, dict):
+        return []
+    files = message.get("files") or []
+    paths = [file if isinstance(file, str) else (file or {}).get("path", "") for file in files]
+    return [path for path in paths if path and Path(path).suffix.lower() in WEBUI_IMAGE_SUFFIXES]
+
+
+def _pending_info(textbox_value) -> str:
+    """What the next message will carry, with each picture's token cost."""
+    lines = [_image_info(path) for path in _image_files(textbox_value)]
+    if not lines:
+        return "No image waiting for the next message."
+    return "**Next message** (not sent yet):\n\n" + "\n".join(f"* {line}" for line in lines)
+
+
+def _sent_info(sent_message, embed_all: bool) -> str:
+    """What the last message sent carried, and which images the model sees after it."""
+    if not isinstance(sent_message, dict):
+        return ""
+    lines = [_image_info(path) for path in _image_files(sent_message)]
+    if lines:
+        return "**Sent** with your last message:\n\n" + "\n".join(f"* {line}" for line in lines)
+    seen = "every image of the chat" if embed_all else "the images of your most recent message that had any"
+    return f"**Sent**: your last message had no image; the model still sees {seen}."
 
 
 def _image_info(path) -> str:
-    pipeline = _vision.current() if path else None
+    """``name: W×H, N tokens of context``, or why the picture cannot be shown to the model."""
+    name = html.escape(Path(path).name, quote=False)
+    pipeline = _vision.current()
     if pipeline is None:
-        return ""
-    name = Path(path).name
+        return f"{name} (vision inactive: the model will not see it)"
     try:
-        with open(path, "rb") as uploaded:  # Gradio's own copy of this user's upload
-            width, height = pipeline.load_image(uploaded.read(), name=name).size
-    except ValueError as exc:
-        return f"⚠️ {html.escape(str(exc), quote=False)}"
-    tokens = pipeline.prompt_positions((width, height))
-    return f"{html.escape(name, quote=False)}: {width}×{height}, {tokens} tokens of context"
+        stat = Path(path).stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns, shared.model_name, _settings_key())
+    except OSError as exc:
+        return f"⚠️ {name}: cannot be read ({html.escape(exc.strerror or str(exc), quote=False)})"
+    info = _panel_infos.get(key)
+    if info is None:
+        try:
+            with open(path, "rb") as uploaded:  # Gradio's own copy of this user's upload
+                width, height = pipeline.load_image(uploaded.read(), name=Path(path).name).size
+        except ValueError as exc:  # ImageError: names the image and the reason
+            info = f"⚠️ {html.escape(str(exc), quote=False)}: it will not be shown to the model"
+        else:
+            info = f"{name}: {width}×{height}, {pipeline.prompt_positions((width, height))} tokens of context"
+        _panel_infos.put(key, info)
+    return info
+
+
+# (upload path, size, mtime, vision settings) -> the panel's line for it: the chat box's change event
+# fires on every keystroke, and a picture is decoded once.
+_panel_infos: BoundedLRU[str] = BoundedLRU(1024, cost=lambda info: 1)
 
 
 def custom_generate_chat_prompt(user_input, state, **kwargs):
