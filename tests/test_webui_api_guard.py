@@ -149,7 +149,7 @@ def test_an_error_inside_a_started_stream_ends_it_with_an_error_event(api_harnes
     error = json.loads(last)["error"]
     assert error["message"] == ("3 images in this request exceed the limit of 2 "
                                 "(setting llava-max_images_per_request)")
-    assert error["type"] == "invalid_request_error"
+    assert error["type"] == "invalid_request_error" and error["param"] == "messages"
     assert "Traceback" not in caplog.text
     # The server goes on serving.
     response = call(api_app, "/v1/completions", {"messages": question(pictures[0]), "stream": True, "max_tokens": 4})

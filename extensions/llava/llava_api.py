@@ -89,16 +89,17 @@ def request_images(kind: str, path: str, payload) -> list[tuple[str, str]]:
     return images
 
 
-def error_body(kind: str, message: str, error_type: str = "invalid_request_error") -> dict:
+def error_body(kind: str, message: str, error_type: str = "invalid_request_error",
+               param: str | None = "messages") -> dict:
     """webui's error JSON for the endpoint kind (OpenAI's ``error`` object / Anthropic's error)."""
     if kind == "anthropic":
         return {"type": "error", "error": {"type": error_type, "message": message}}
-    return {"error": {"message": message, "type": error_type, "param": "messages", "code": None}}
+    return {"error": {"message": message, "type": error_type, "param": param, "code": None}}
 
 
-def stream_error_event(kind: str, message: str, error_type: str) -> bytes:
+def stream_error_event(kind: str, message: str, error_type: str, param: str | None = None) -> bytes:
     """The last event of a stream that failed, in the separator webui's streams use (``\\n``)."""
-    body = json.dumps(error_body(kind, message, error_type))
+    body = json.dumps(error_body(kind, message, error_type, param))
     return (f"event: error\ndata: {body}\n\n" if kind == "anthropic" else f"data: {body}\n\n").encode("utf-8")
 
 
@@ -152,14 +153,14 @@ class ImageRequestGuard:
         except Exception as exc:  # noqa: BLE001 - includes the ExceptionGroup of the stream's task group
             if not (response.started and response.streaming) or response.finished:
                 raise
-            message, error_type, expected = _describe(exc)
+            message, error_type, param, expected = _describe(exc)
             if expected:
                 logger.warning("llava: %s stream ended with an error: %s", scope["path"], message)
             else:
                 logger.exception("llava: %s stream failed; the client gets an error event", scope["path"])
             try:
-                await send({"type": "http.response.body", "body": stream_error_event(kind, message, error_type),
-                            "more_body": True})
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": stream_error_event(kind, message, error_type, param)})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             except Exception:  # noqa: BLE001 - the client is gone; nothing left to tell it
                 pass
@@ -178,8 +179,8 @@ class _ResponseState:
             self.finished = True
 
 
-def _describe(exc: BaseException) -> tuple[str, str, bool]:
-    """``(message, error type, expected)`` for an exception that ended a stream.
+def _describe(exc: BaseException) -> tuple[str, str, str | None, bool]:
+    """``(message, error type, param, expected)`` for an exception that ended a stream.
 
     webui's own request errors (``OpenAIError``: a ``message`` and an HTTP ``code``) are expected; the
     stream's task group may wrap them in an ExceptionGroup.
@@ -187,10 +188,11 @@ def _describe(exc: BaseException) -> tuple[str, str, bool]:
     for error in _leaves(exc):
         message, code = getattr(error, "message", None), getattr(error, "code", None)
         if isinstance(message, str) and isinstance(code, int):
-            return message, "invalid_request_error" if code < 500 else "server_error", code < 500
+            error_type = "invalid_request_error" if code < 500 else "server_error"
+            return message, error_type, getattr(error, "param", None), code < 500
     first = next(iter(_leaves(exc)))
     text = str(first).strip().splitlines()
-    return f"the reply failed: {text[0] if text else type(first).__name__}", "server_error", False
+    return f"the reply failed: {text[0] if text else type(first).__name__}", "server_error", None, False
 
 
 def _leaves(exc: BaseException) -> Iterable[BaseException]:

@@ -60,7 +60,8 @@ GREEDY = {"max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": True, "top_log
 def curl(server, path: str, body: dict, key_header: str = "authorization") -> subprocess.CompletedProcess:
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
-    header = f"Authorization: Bearer {server.api_key}" if key_header == "authorization" else f"x-api-key: {server.api_key}"
+    header = (f"Authorization: Bearer {server.api_key}" if key_header == "authorization"
+              else f"x-api-key: {server.api_key}")
     return subprocess.run(
         ["curl", "-sS", "-N", "--noproxy", "127.0.0.1", "-w", "\nHTTP %{http_code}\n",
          f"http://127.0.0.1:{server.api_port}{path}", "-H", header, "-H", "Content-Type: application/json",

@@ -109,7 +109,8 @@ async def _router(scope, receive, send):
             chunk = await asyncio.to_thread(next, generator, finished)
             if chunk is finished:
                 break
-            await send({'type': 'http.response.body', 'body': f'data: {json.dumps(chunk)}\n\n'.encode(), 'more_body': True})
+            event = f'data: {json.dumps(chunk)}\n\n'.encode()
+            await send({'type': 'http.response.body', 'body': event, 'more_body': True})
         await send({'type': 'http.response.body', 'body': b'data: [DONE]\n\n', 'more_body': True})
         await send({'type': 'http.response.body', 'body': b'', 'more_body': False})
     finally:
