@@ -16,7 +16,8 @@ import subprocess
 
 import pytest
 
-from client_host import MAX_IMAGES, MODEL_NAME, TRACEBACK, LogSlice, spliced_counts, tiny_llava
+from client_host import (  # noqa: F401 - llava_ui_server is a fixture
+    MAX_IMAGES, MODEL_NAME, TRACEBACK, LogSlice, llava_ui_server, spliced_counts, tiny_llava)
 
 openai = pytest.importorskip("openai")
 
@@ -197,6 +198,15 @@ def test_logprobs_with_the_padded_vocabulary(client, server, pictures, stream):
                                            extra_body={"messages": [user(pictures["d"])], "ban_eos_token": True})
     assert len(completion.choices[0].logprobs.tokens) == MAX_TOKENS
     assert "Failed" not in log.text() and TRACEBACK not in log.text()
+
+
+def test_next_token_logits_list_only_real_tokens(server):
+    """/v1/internal/logits runs the model without any extension hook: the mask must already be there
+    (webui lists an id without a token under the key null)."""
+    status, reply = server.request("POST", "/v1/internal/logits",
+                                   {"prompt": "USER: Describe the picture. ASSISTANT:", "top_logits": 50})
+    assert status == 200 and isinstance(reply, dict) and reply, reply
+    assert "null" not in reply and "None" not in reply
 
 
 def test_the_server_log_holds_no_traceback(server):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from client_host import TRACEBACK, LogSlice, spliced_counts, tiny_llava
+from client_host import TRACEBACK, LogSlice, llava_ui_server, spliced_counts, tiny_llava  # noqa: F401
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
