@@ -926,12 +926,12 @@ def _slots_from_markers(pipeline, state, prompt):
     return llava_chat.replace_spans(prompt, replacements), images
 
 
-def _completion_images(state) -> list[tuple[str, object]]:
-    """``(name, source)`` of the images of a /v1/completions request, in message order.
+def _completion_images(state) -> list[tuple[str, object, int]]:
+    """``(name, source, message number)`` of the images of a /v1/completions request, in message order.
 
     Taken from the request's own ``messages`` (data URLs, decoded by the extension): webui's
     ``raw_images`` lacks every image it could not decode, so an image the client sent would vanish
-    without a word. ``raw_images`` (PIL images) only when a request has no ``messages``.
+    without a word. ``raw_images`` (PIL images, one message) only when a request has no ``messages``.
     Empty for chat requests (they carry ``history``).
     """
     if "history" in state:
@@ -941,24 +941,31 @@ def _completion_images(state) -> list[tuple[str, object]]:
         images = []
         for number, message in enumerate(messages, start=1):
             content = message.get("content") if isinstance(message, dict) else None
-            images += [(f"image {index} of message {number}", url)
+            images += [(f"image {index} of message {number}", url, number)
                        for index, url in enumerate(llava_chat.api_image_urls(content), start=1)]
         return images
-    return [(f"image {number} of the request", image)
+    return [(f"image {number} of the request", image, 1)
             for number, image in enumerate(state.get("raw_images") or [], start=1)]
 
 
 def _slots_for_completion(pipeline, state, prompt):
     """/v1/completions with messages: images, no marker. ``<image>`` in the prompt places them;
-    otherwise they go at the start of the prompt (after a leading BOS text). An image that cannot be
-    used fails the request (``_ApiImageError``)."""
+    otherwise they go at the start of the prompt (after a leading BOS text). The chat's rule applies:
+    without "embed all", only the images of the most recent message with images are used (the others
+    take no positions, and a typed ``<image>`` of theirs stays empty). An image that cannot be used fails
+    the request (``_ApiImageError``)."""
     entries = _completion_images(state)
+    keep_all = bool(params["add_all_images_to_prompt"])
+    used = {i for i, (_, _, message) in enumerate(entries) if keep_all or message == entries[-1][2]}
     limit = int(params["max_images_per_request"])
-    if len(entries) > limit:
-        raise _ApiImageError(f"{len(entries)} images in this request exceed the limit of {limit} "
+    if len(used) > limit:
+        raise _ApiImageError(f"{len(used)} images in this request exceed the limit of {limit} "
                              "(setting llava-max_images_per_request)")
     images, slots = [], []
-    for name, source in entries:
+    for position, (name, source, _) in enumerate(entries):
+        if position not in used:
+            slots.append("")
+            continue
         if not isinstance(source, str):
             source = _png_data_url(source)  # a PIL image from webui's raw_images
         elif not source.startswith("data:"):
@@ -969,6 +976,9 @@ def _slots_for_completion(pipeline, state, prompt):
             raise _ApiImageError(str(exc)) from exc
         slots.append(llava_chat.slot(len(images), size))
         images.append([name, source, key])
+    if len(used) < len(entries):
+        logger.info("llava: %d image(s) of earlier messages not used: without \"embed all\" only the images of "
+                    "the most recent message with images are", len(entries) - len(used))
     text = llava_chat.neutralize(prompt)
     marker = pipeline.spec.image_token_text or "<image>"
     if marker in text:
