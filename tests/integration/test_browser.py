@@ -9,6 +9,7 @@ own browser download is not used). ``$LLAVA_SCREENSHOTS`` keeps the screenshots 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -45,8 +46,10 @@ def screenshots(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def page(llava_ui_server):
+@contextlib.contextmanager
+def open_chat_page(ui_port: int, ready_selector: str = "#llava-panel"):
+    """Headless Chromium on webui's chat page: yields ``(page, problems)``, ``problems`` collecting every
+    page error and console error from then on. Skips the test without Chromium."""
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)")
     problems: list[str] = []
@@ -59,11 +62,17 @@ def page(llava_ui_server):
             tab.on("console", lambda message: problems.append(f"console error: {message.text}")
                    if message.type == "error" else None)
             # Gradio keeps connections open, so "network idle" never comes: wait for the load event.
-            tab.goto(f"http://127.0.0.1:{llava_ui_server.ui_port}/", wait_until="load")
-            tab.wait_for_selector("#llava-image", timeout=60_000)
+            tab.goto(f"http://127.0.0.1:{ui_port}/", wait_until="load")
+            tab.wait_for_selector(ready_selector, timeout=60_000)
             yield tab, problems
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(llava_ui_server):
+    with open_chat_page(llava_ui_server.ui_port, "#llava-image") as opened:
+        yield opened
 
 
 def wait_for_text(page, selector: str, predicate, timeout_s: float = 30.0) -> str:

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import real_webui
-from test_browser import CHROMIUM, CHROMIUM_ARGS, wait_for_text
-from test_webui_reference_ids import CAPTURE_EXTENSION, EXTENSION_DIR, _marked, _ours
+from test_browser import open_chat_page, wait_for_text
+from test_webui_reference_ids import _marked, _ours, link_llava_and_capture
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -35,23 +35,17 @@ def ui_server(tiny_checkpoints, tmp_path_factory):
         pytest.skip(why)
     if real_webui.gradio_version(host) is None:
         pytest.skip("gradio is not importable in $WEBUI_PYTHON (an API-only host)")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM}")
     root = tmp_path_factory.mktemp("webui-ui-ids")
     user_data = real_webui.make_user_data_dir(host, root / "user_data", settings={
         "max_new_tokens": 4, "auto_max_new_tokens": False, "do_sample": False, "temperature": 0,
         "llava-add_all_images_to_prompt": True})
     reference_support.make_variant(tiny_checkpoints.v0, user_data / "models" / MODEL, "legacy-false")
-    real_webui.link_user_extension(user_data, "llava", EXTENSION_DIR)
-    capture_dir = root / "llava_idcapture"
-    capture_dir.mkdir()
-    (capture_dir / "script.py").write_text(CAPTURE_EXTENSION, encoding="utf-8")
-    real_webui.link_user_extension(user_data, "llava_idcapture", capture_dir)
+    records = link_llava_and_capture(user_data, root)
     server = real_webui.WebuiServer(host, user_data, root / "webui.log", model=MODEL,
                                     extensions=("llava", "llava_idcapture"), nowebui=False)
     server.start_and_wait()
     try:
-        yield server, capture_dir / "captured.jsonl", user_data / "models" / MODEL
+        yield server, records, user_data / "models" / MODEL
     finally:
         server.stop()
     assert "Traceback (most recent call last)" not in server.log_text(), server.log_tail()
@@ -59,18 +53,8 @@ def ui_server(tiny_checkpoints, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(ui_server):
-    server = ui_server[0]
-    problems: list[str] = []
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            tab = browser.new_page(viewport={"width": 1280, "height": 1500})
-            tab.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-            tab.goto(f"http://127.0.0.1:{server.ui_port}/", wait_until="load")
-            tab.wait_for_selector("#llava-panel", timeout=60_000)
-            yield tab, problems
-        finally:
-            browser.close()
+    with open_chat_page(ui_server[0].ui_port) as opened:
+        yield opened
 
 
 def _send(page, records: Path, text: str, files=()) -> dict:
