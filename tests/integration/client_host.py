@@ -44,16 +44,22 @@ class LogSlice:
         return self.server.log_text()[self.start:]
 
 
-@pytest.fixture(scope="module")
-def llava_ui_server(tmp_path_factory):
-    """A webui with its UI, the API (with a key) and the extension, the tiny llava-hf model loaded through
-    the API as a user would from the Model tab. The log must hold no traceback when the module ends.
-    (One per test module: a conftest.py here would shadow the suite's ``from conftest import``.)"""
+def ui_host() -> real_webui.WebuiHost:
+    """The webui host of ``$WEBUI_DIR`` / ``$WEBUI_PYTHON`` with its gradio fork; skips the test otherwise."""
     host, why = real_webui.host_from_env()
     if host is None:
         pytest.skip(why)
     if real_webui.gradio_version(host) is None:
         pytest.skip("gradio is not importable in $WEBUI_PYTHON (an API-only host)")
+    return host
+
+
+@pytest.fixture(scope="module")
+def llava_ui_server(tmp_path_factory):
+    """A webui with its UI, the API (with a key) and the extension, the tiny llava-hf model loaded through
+    the API as a user would from the Model tab. The log must hold no traceback when the module ends.
+    (One per test module: a conftest.py here would shadow the suite's ``from conftest import``.)"""
+    host = ui_host()
     root = tmp_path_factory.mktemp("webui-clients")
     checkpoints = tiny_llava().write_tiny_checkpoints(root / "checkpoints", seed=0)
     user_data = real_webui.make_user_data_dir(host, root / "user_data", settings={

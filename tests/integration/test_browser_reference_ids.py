@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import real_webui
+from client_host import ui_host
 from test_browser import open_chat_page, wait_for_text
 from test_webui_reference_ids import _marked, _ours, link_llava_and_capture
 
@@ -30,11 +31,7 @@ REPLY_TIMEOUT_S = 120.0
 def ui_server(tiny_checkpoints, tmp_path_factory):
     import reference_support
 
-    host, why = real_webui.host_from_env()
-    if host is None:
-        pytest.skip(why)
-    if real_webui.gradio_version(host) is None:
-        pytest.skip("gradio is not importable in $WEBUI_PYTHON (an API-only host)")
+    host = ui_host()
     root = tmp_path_factory.mktemp("webui-ui-ids")
     user_data = real_webui.make_user_data_dir(host, root / "user_data", settings={
         "max_new_tokens": 4, "auto_max_new_tokens": False, "do_sample": False, "temperature": 0,
