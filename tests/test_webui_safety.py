@@ -308,12 +308,20 @@ def test_corrupt_api_image_is_a_400_error_naming_it(make_harness):
     assert last_call(harness).inputs_embeds is not None
 
 
-def test_url_images_are_never_fetched(make_harness, loaded, caplog):
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_url_images_are_never_fetched_and_fail_the_request(make_harness, endpoint):
+    # An API client never sees the notices above a reply, so an image it sent that cannot be used fails
+    # the request (HTTP 400) instead of being answered blind.
     harness = make_harness("hf")
-    with caplog.at_level(logging.WARNING, logger="textgen"):
-        harness.api_chat([{"role": "user", "content": [text_part("hi"), image_part("http://example.invalid/x.png")]}])
-    assert "data: URL" in caplog.text
-    assert_no_image_rows(last_call(harness), loaded("hf"))
+    messages = [{"role": "user", "content": [text_part("hi"), image_part("http://example.invalid/x.png")]}]
+    calls = len(harness.generate_calls)
+    with pytest.raises(InvalidRequestError, match="image 1 of .*data: URL") as error:
+        if endpoint == "chat":
+            harness.api_chat(messages)
+        else:
+            harness.api_completions(messages=messages)
+    assert error.value.code == 400
+    assert len(harness.generate_calls) == calls
 
 
 # ---------------------------------------------------------------------------------------------- lifecycle

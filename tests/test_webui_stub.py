@@ -769,3 +769,43 @@ def test_truncation_pops_single_messages_after_the_system_message(harness):
     prompt = harness.api_chat_prompt(messages, truncation_length=budget + shared.settings['max_new_tokens'])
     # One message (not a whole turn) went: the system message stays, a dangling reply leads.
     assert prompt == f'<s>You are a vision assistant.\n\nASSISTANT: first answer</s>\nUSER: {MARKER}\n\nsecond question\nASSISTANT:'
+
+
+# ---------------------------------------------------------------------------------------------- logprobs and HTTP
+
+
+@pytest.fixture
+def padded_model(tokenizer):
+    """A model with 8 embedding rows past the tokenizer, the first of which always wins (as one of a
+    padded llava-hf vocabulary can)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer) + 8, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+
+    def padding_wins(module, args, output):
+        output.logits[..., len(tokenizer)] = 1e4
+
+    model.register_forward_hook(padding_wins)
+    return model
+
+
+@pytest.mark.parametrize('stream', [False, True])
+def test_logprobs_see_an_id_without_a_token_and_the_reply_fails(dummy_dir, padded_model, tokenizer, stream, caplog):
+    """webui's LogprobProcessor (a logits processor of the request) turns every candidate into text and
+    fails on an id the tokenizer has no token for, as the real webui did with a llava-hf vocabulary."""
+    with WebuiHarness(dummy_dir, padded_model, tokenizer, {'instruction_template_str': LLAVA_LIKE_TEMPLATE}) as harness:
+        with caplog.at_level(logging.ERROR, logger='textgen'):
+            reply = harness.api_chat([{'role': 'user', 'content': 'hello'}], stream=stream, logprobs=True,
+                                     top_logprobs=3)
+    assert reply == ''
+    assert 'Failed in generation callback' in caplog.text
+    assert "'NoneType' object has no attribute 'startswith'" in caplog.text
+
+
+def test_logprobs_are_reported_per_token(harness):
+    harness.api_chat([{'role': 'user', 'content': 'hello'}], logprobs=True, top_logprobs=2, max_tokens=3,
+                     ban_eos_token=True)
+    entries = harness.last_api_response['choices'][0]['logprobs']['content']
+    assert len(entries) == 3 and all(1 <= len(entry['top_logprobs']) <= 2 for entry in entries)

@@ -5,6 +5,7 @@ LLaVA configs. The extension registers a text-only LLaVA loader in ``setup()``, 
 loaded from the Model tab or the API; for ``--model`` the registration has to happen earlier. Running
 
     python extensions/llava/llava_autoload.py install
+    python user_data/extensions/llava/llava_autoload.py install   (the other install location)
 
 once with webui's Python (``cmd_linux.sh`` / ``cmd_windows.bat`` / ``cmd_macos.sh`` opens a shell in its
 environment) writes ``llava_webui_autoload.pth`` into that environment's site-packages. Python runs its

@@ -27,7 +27,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 if TYPE_CHECKING:
     import torch
@@ -487,6 +487,43 @@ def load_language_model(model_dir: str | os.PathLike, **from_pretrained_kwargs):
     return model
 
 
+def mask_ids_past_tokenizer(model, tokenizer_size: Callable[[], int | None]) -> None:
+    """Give ids at or past ``tokenizer_size()`` a logit of -inf in every forward of ``model``.
+
+    llava-hf pads the language model's vocabulary past its tokenizer (32064 rows for 32002 tokens) with
+    rows that have no token. webui turns every id it meets into text (the reply, streaming, logprobs and
+    top_logprobs, /v1/internal/logits) and fails on one without a token, so such ids must never win,
+    nor be listed. Masking the model's output (``logits``: ``(batch, positions, rows)``) does it before
+    any logits processor, sampler or webui's logprobs code sees the scores; the logits of real tokens
+    are left exactly as they are. ``tokenizer_size`` is asked on every forward (None: mask nothing).
+    Installing twice only replaces the source; the hook lives and dies with the model object.
+    """
+    if getattr(model, "_llava_tokenizer_size", None) is not None:
+        model._llava_tokenizer_size = tokenizer_size
+        return
+    model._llava_tokenizer_size = tokenizer_size
+    model.register_forward_hook(_mask_rows_past_tokenizer)
+
+
+def _mask_rows_past_tokenizer(model, args, output):
+    size = model._llava_tokenizer_size()
+    logits = output.get("logits") if isinstance(output, dict) else None
+    if size is None or logits is None or logits.shape[-1] <= size:
+        return output
+    if logits.requires_grad:
+        # Training (webui's LoRA tab): an in-place write could clobber a tensor autograd saved.
+        output["logits"] = logits.index_fill(-1, _range_from(size, logits), float("-inf"))
+    else:
+        logits[..., size:] = float("-inf")
+    return output
+
+
+def _range_from(start: int, logits):
+    import torch
+
+    return torch.arange(start, logits.shape[-1], device=logits.device)
+
+
 def _from_pretrained_quietly(auto_class, model_dir: Path, config, kwargs: dict):
     """``from_pretrained`` without the "unexpected keys" report that the skipped vision tensors cause."""
     from transformers.utils import logging as hf_logging
@@ -512,11 +549,15 @@ def _from_pretrained_quietly(auto_class, model_dir: Path, config, kwargs: dict):
 # Making transformers' auto classes route LLaVA checkpoints to the text-only loader
 
 
-def register_with_transformers() -> None:
+def register_with_transformers(tokenizer_size: Callable[[], int | None] | None = None) -> None:
     """Make ``AutoModelForCausalLM.from_pretrained(<LLaVA dir>)`` return the text-only language model.
 
     webui's Transformers loader uses ``AutoModelForCausalLM``, which refuses ``model_type: llava`` and
     whose ``AutoConfig`` refuses ``llava_llama`` / ``llava_mistral``. Registering is idempotent and cheap.
+
+    ``tokenizer_size``: when given, every model loaded this way gets :func:`mask_ids_past_tokenizer` with
+    it (webui passes the size of its loaded tokenizer). A later call with a source gives it to loaders
+    registered earlier without one (the autoload hook registers before the extension is set up).
     """
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig
@@ -533,12 +574,16 @@ def register_with_transformers() -> None:
         AutoConfig.register(model_type, config_class)
         config_classes.append(config_class)
     for config_class in config_classes:
-        if config_class in AutoModelForCausalLM._model_mapping._extra_content:
+        registered = AutoModelForCausalLM._model_mapping._extra_content.get(config_class)
+        if registered is not None:
+            if tokenizer_size is not None and issubclass(registered, _TextOnlyLoader):
+                registered.tokenizer_size = staticmethod(tokenizer_size)
             continue
         loader = type(
             f"LlavaTextOnly{config_class.__name__.replace('Config', '')}",
             (_TextOnlyLoader,),
-            {"config_class": config_class},
+            {"config_class": config_class,
+             "tokenizer_size": staticmethod(tokenizer_size) if tokenizer_size is not None else None},
         )
         AutoModelForCausalLM.register(config_class, loader, exist_ok=True)
 
@@ -547,6 +592,7 @@ class _TextOnlyLoader:
     """Stands in the auto mapping for the LLaVA config classes; builds nothing itself."""
 
     config_class = None
+    tokenizer_size = None  # see register_with_transformers
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -555,7 +601,10 @@ class _TextOnlyLoader:
             from huggingface_hub import snapshot_download
 
             local = Path(snapshot_download(str(pretrained_model_name_or_path)))
-        return load_language_model(local, **kwargs)
+        model = load_language_model(local, **kwargs)
+        if cls.tokenizer_size is not None:
+            mask_ids_past_tokenizer(model, cls.tokenizer_size)
+        return model
 
     @classmethod
     def _from_config(cls, config, **kwargs):

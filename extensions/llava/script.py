@@ -11,8 +11,10 @@ Request flow (details in README.md):
   build and truncate the prompt, with ``custom_tokenized_length`` counting image positions exactly.
 * ``tokenizer_modifier`` turns the slots into embeddings (cached by image content) and returns
   ``input_ids`` as long as ``inputs_embeds``. Paths that bypass the chat-prompt hook (impersonate,
-  /v1/completions) are handled there from webui's own ``<__media__>`` markers or ``raw_images``.
+  /v1/completions) are handled there from webui's own ``<__media__>`` markers or the request's messages.
 * Problems (bad image, images out of context, a non-LLaVA model) are logged and shown above the reply.
+  API requests with an image that cannot be used fail with HTTP 400 (``llava_api`` checks them before
+  webui answers, and turns an error inside a started stream into an error event).
 
 Per-request data lives in ``state`` (deep-copyable strings only); module globals hold only the loaded
 vision modules, caches and settings, shared by all users like ``shared.model`` is.
@@ -37,6 +39,7 @@ if str(_HERE) not in sys.path:
 from modules import shared  # noqa: E402
 from modules.logging_colors import logger  # noqa: E402
 
+import llava_api  # noqa: E402
 import llava_chat  # noqa: E402
 import llava_image_io  # noqa: E402
 from llava_cache import BoundedLRU  # noqa: E402
@@ -131,6 +134,9 @@ class _Vision:
             spec, error = None, exc
         else:
             error = None
+        if spec is not None and hasattr(model, "register_forward_hook"):
+            # Usually done by the loader already; this covers a model loaded before setup() gave it the source.
+            llava_checkpoint.mask_ids_past_tokenizer(model, _tokenizer_size)
         if spec is None:
             self.status = f"{name} is not a LLaVA checkpoint: vision inactive."
             if error is not None:
@@ -173,6 +179,31 @@ _fresh_decodes = BoundedLRU(24_000_000, cost=lambda image: image.width * image.h
 # tokenizer_modifier -> logits_processor_modifier hand-off; both run in the request's thread, one after
 # the other, so a thread-local never crosses requests or users.
 _request_local = threading.local()
+
+
+class _TokenizerSize:
+    """``len(shared.tokenizer)``: ids at or past it have no token (llava_checkpoint.mask_ids_past_tokenizer).
+    Asked on every forward, so remembered per tokenizer object (``len()`` of a tokenizer costs ~0.1 ms)."""
+
+    def __init__(self):
+        self._known = (None, 0)  # (weak reference to a tokenizer, its len()), replaced as one tuple
+
+    def __call__(self) -> int | None:
+        tokenizer = shared.tokenizer
+        if tokenizer is None:
+            return None
+        reference, size = self._known
+        if reference is not None and reference() is tokenizer:
+            return size
+        size = len(tokenizer)
+        try:
+            self._known = (weakref.ref(tokenizer), size)
+        except TypeError:  # no weak references to this object: ask it every time
+            pass
+        return size
+
+
+_tokenizer_size = _TokenizerSize()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -252,11 +283,14 @@ def _source_key(source) -> str:
     return llava_image_io.source_digest(source) + f":{params.get('exif_transpose')}:{params.get('max_image_pixels')}"
 
 
+NOT_INLINE = "only inline (data: URL) images are accepted; send the image data, not a link"
+
+
 def _usable_source(state, name: str, source) -> bool:
     """Only inline data is accepted: a path or URL from a request is never opened or fetched."""
     if isinstance(source, str) and source.startswith("data:"):
         return True
-    _notify(state, f"{name}: only inline (data: URL) images are accepted; it was not shown to the model")
+    _notify(state, f"{name}: {NOT_INLINE}; it was not shown to the model")
     return False
 
 
@@ -282,7 +316,7 @@ def _api_user_messages(state) -> list[tuple[str, list[str]]]:
 
 PIPELINE_LOGGERS = ("llava_checkpoint", "llava_vision", "llava_pipeline", "llava_preprocess", "llava_image_io",
                     "llava_prompt", "llava_next", "llava_cache", "llava_autoload", "llava_family", "llava_plan",
-                    "llava_pixtral", "llava_templates")
+                    "llava_pixtral", "llava_templates", "llava_api")
 
 
 def _route_pipeline_logs() -> None:
@@ -304,11 +338,53 @@ def setup():
     try:
         import llava_checkpoint
 
-        llava_checkpoint.register_with_transformers()
+        llava_checkpoint.register_with_transformers(tokenizer_size=_tokenizer_size)
     except Exception:  # noqa: BLE001 - without it LLaVA folders do not load; say so, keep webui running
         logger.exception("llava: could not register the LLaVA loader with transformers")
     _install_instruction_templates()
+    _install_api_guard()
     _vision.current()
+
+
+def _install_api_guard() -> None:
+    """Check the images of API requests before webui answers them (see llava_api). webui starts its API
+    right after the extensions' setup(), so the guard is in place before the first request."""
+    if not (getattr(shared.args, "api", False) or getattr(shared.args, "public_api", False)):
+        return
+    try:
+        from modules.api import script as api_script
+
+        how = llava_api.install(api_script.app, llava_api.GuardHooks(active=_guard_active, check_image=_guard_check))
+    except Exception:  # noqa: BLE001 - without it the hooks still refuse bad images, only less cleanly
+        logger.exception("llava: could not install the API image check")
+        return
+    logger.info("llava: API image check installed %s", how)
+
+
+def _guard_active(headers: dict, kind: str) -> bool:
+    """Check this API request's images? Not when webui will refuse it anyway (its Host-header and API
+    key checks, modules/api/script.py), so that a stranger's request costs no decoding and learns
+    nothing; not when the loaded model cannot see images."""
+    args = shared.args
+    if not (getattr(args, "listen", False) or getattr(args, "public_api", False)):
+        if headers.get("host", "").split(":")[0] not in ("localhost", "127.0.0.1"):
+            return False
+    key = getattr(args, "api_key", "")
+    if key:
+        given = headers.get("x-api-key") if kind == "anthropic" else headers.get("authorization")
+        if given != (key if kind == "anthropic" else f"Bearer {key}"):
+            return False
+    return _vision.current() is not None
+
+
+def _guard_check(name: str, url: str) -> None:
+    """Raise ValueError naming the image and the reason unless the hooks will be able to use it. The
+    decoded size (and the picture, for the splice) are kept by content, so this costs no second decode."""
+    if not url.startswith("data:"):
+        raise llava_api.ImageProblem(f"{name}: {NOT_INLINE}")
+    pipeline = _vision.current()
+    if pipeline is not None:
+        _check_image(pipeline, name, url)
 
 
 def _install_instruction_templates() -> None:
@@ -352,55 +428,123 @@ def _template_for(spec, folder: Path, llava_templates) -> str | None:
     return llava_templates.adapt_checkpoint_template(folder, spec.image_token_text or "<image>")
 
 
+# The files webui's chat turns into image attachments (modules/chat.py add_message_attachment); any
+# other file goes to the model as a text or PDF attachment.
+WEBUI_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
 def ui():
-    """The panel under the chat: an image box that attaches its picture to the next message (as a
-    native webui attachment, so every later step treats it like one), the "embed all" checkbox and
-    the vision status."""
+    """The panel under the chat: a button that adds pictures to the chat box (as native webui
+    attachments, so every later step treats them like the paperclip's), what the next message will
+    carry and what the last one carried (with each picture's token cost), the "embed all" checkbox
+    and the vision status."""
     import gradio as gr
 
     with gr.Accordion("LLaVA", open=True, elem_id="llava-panel"):
-        status = gr.Markdown(value=lambda: _vision.status, elem_id="llava-status")
+        status = gr.Markdown(value=_current_status, elem_id="llava-status")
         with gr.Row():
-            # A file box, not gr.Image: Gradio would decode the picture itself and fail with a traceback on a
-            # broken file; the extension's own decoder reports it cleanly once the message is sent.
-            picture = gr.File(label="Image for the next message", file_types=["image"], type="filepath",
-                              elem_id="llava-image")
+            with gr.Column():
+                # A button, not a file box: in webui's Gradio build an upload through a gr.File raises
+                # "Cannot set properties of undefined (setting 'abort_controller')" in the page; an
+                # UploadButton (like the paperclip) does not. gr.Image would decode the picture itself and
+                # fail with a traceback on a broken file; the extension's own decoder reports it cleanly.
+                picture = gr.UploadButton("Add images to the next message", file_types=list(WEBUI_IMAGE_SUFFIXES),
+                                          file_count="multiple", type="filepath", size="sm", elem_id="llava-image")
+                pending = gr.Markdown(value=_pending_info(None), elem_id="llava-pending")
+                sent = gr.Markdown(value="", elem_id="llava-sent")
             with gr.Column():
                 embed_all = gr.Checkbox(value=bool(params["add_all_images_to_prompt"]),
                                         label="Embed all images, not only the last one", elem_id="llava-embed-all")
                 refresh = gr.Button("Refresh status", size="sm")
-                picture_info = gr.Markdown(value="", elem_id="llava-image-info")
     embed_all.change(lambda value: params.update(add_all_images_to_prompt=bool(value)), embed_all, None)
-    refresh.click(lambda: (_vision.current(), _vision.status)[1], None, status)
-    textbox = shared.gradio.get("textbox")
-    if textbox is not None:
-        picture.upload(_attach_to_textbox, [picture, textbox], [picture, textbox, picture_info])
+    refresh.click(_current_status, None, status)
+    textbox, sent_message = shared.gradio.get("textbox"), shared.gradio.get("Chat input")
+    if textbox is None:
+        return
+    # Whatever changes the chat box's files (this button, the paperclip, removing a file, sending the
+    # message, which empties the box) updates what the panel says is pending. The box's change event does
+    # not fire for this button's own update of it (and an event chained after it still reads the old
+    # value), so the button's handler says it itself.
+    picture.upload(_attach_to_textbox, [picture, textbox], [textbox, pending], show_progress="hidden")
+    textbox.change(_pending_info, [textbox], [pending], show_progress="hidden", trigger_mode="always_last")
+    if sent_message is not None:
+        # webui copies the chat box into this State when a message is sent, just before emptying the box.
+        sent_message.change(_sent_info, [sent_message, embed_all], [sent], show_progress="hidden")
+        sent_message.change(_current_status, None, [status], show_progress="hidden")
+        embed_all.change(_sent_info, [sent_message, embed_all], [sent], show_progress="hidden")
 
 
-def _attach_to_textbox(path, textbox_value):
-    """Move the uploaded picture into the chat box's files (it is sent with the next message) and say
-    how many prompt tokens it will take (LLaVA-NeXT counts depend on the image size)."""
+def _current_status() -> str:
+    """The vision status for the loaded model (on page load, after each message, on Refresh): a model
+    loaded from the Model tab or the API gets its vision modules here at the latest."""
+    _vision.current()
+    return _vision.status
+
+
+def _attach_to_textbox(paths, textbox_value):
+    """Add the uploaded pictures to the chat box's files (they are sent with the next message); returns
+    the chat box's new value and what the panel says is pending."""
     value = dict(textbox_value or {})
-    files = list(value.get("files") or [])
-    if path:
-        files.append(path)
-    value["files"] = files
+    value["files"] = list(value.get("files") or []) + [str(path) for path in (paths or []) if path]
     value.setdefault("text", "")
-    return None, value, _image_info(path)
+    return value, _pending_info(value)
+
+
+def _image_files(message) -> list[str]:
+    """The files of a chat box value (``{"text", "files"}``) that webui sends as images."""
+    if not isinstance(message, dict):
+        return []
+    files = message.get("files") or []
+    paths = [file if isinstance(file, str) else (file or {}).get("path", "") for file in files]
+    return [path for path in paths if path and Path(path).suffix.lower() in WEBUI_IMAGE_SUFFIXES]
+
+
+def _pending_info(textbox_value) -> str:
+    """What the next message will carry, with each picture's token cost."""
+    lines = [_image_info(path) for path in _image_files(textbox_value)]
+    if not lines:
+        return "No image waiting for the next message."
+    return "**Next message** (not sent yet):\n\n" + "\n".join(f"* {line}" for line in lines)
+
+
+def _sent_info(sent_message, embed_all: bool) -> str:
+    """What the last message sent carried, and which images the model sees after it."""
+    if not isinstance(sent_message, dict):
+        return ""
+    lines = [_image_info(path) for path in _image_files(sent_message)]
+    if lines:
+        return "**Sent** with your last message:\n\n" + "\n".join(f"* {line}" for line in lines)
+    seen = "every image of the chat" if embed_all else "the images of your most recent message that had any"
+    return f"**Sent**: your last message had no image; the model still sees {seen}."
 
 
 def _image_info(path) -> str:
-    pipeline = _vision.current() if path else None
+    """``name: W×H, N tokens of context``, or why the picture cannot be shown to the model."""
+    name = html.escape(Path(path).name, quote=False)
+    pipeline = _vision.current()
     if pipeline is None:
-        return ""
-    name = Path(path).name
+        return f"{name} (vision inactive: the model will not see it)"
     try:
-        with open(path, "rb") as uploaded:  # Gradio's own copy of this user's upload
-            width, height = pipeline.load_image(uploaded.read(), name=name).size
-    except ValueError as exc:
-        return f"⚠️ {html.escape(str(exc), quote=False)}"
-    tokens = pipeline.prompt_positions((width, height))
-    return f"{html.escape(name, quote=False)}: {width}×{height}, {tokens} tokens of context"
+        stat = Path(path).stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns, shared.model_name, _settings_key())
+    except OSError as exc:
+        return f"⚠️ {name}: cannot be read ({html.escape(exc.strerror or str(exc), quote=False)})"
+    info = _panel_infos.get(key)
+    if info is None:
+        try:
+            with open(path, "rb") as uploaded:  # Gradio's own copy of this user's upload
+                width, height = pipeline.load_image(uploaded.read(), name=Path(path).name).size
+        except ValueError as exc:  # ImageError: names the image and the reason
+            info = f"⚠️ {html.escape(str(exc), quote=False)}: it will not be shown to the model"
+        else:
+            info = f"{name}: {width}×{height}, {pipeline.prompt_positions((width, height))} tokens of context"
+        _panel_infos.put(key, info)
+    return info
+
+
+# (upload path, size, mtime, vision settings) -> the panel's line for it: the chat box's change event
+# fires on every keystroke, and a picture is decoded once.
+_panel_infos: BoundedLRU[str] = BoundedLRU(1024, cost=lambda info: 1)
 
 
 def custom_generate_chat_prompt(user_input, state, **kwargs):
@@ -535,6 +679,8 @@ def _slot_history(pipeline, user_input: str, state, kwargs):
             break
         name, source = every_image[position]
         is_new = position >= first_new
+        if is_api and not (isinstance(source, str) and source.startswith("data:")):
+            raise _ApiImageError(f"{name}: {NOT_INLINE}")  # an API client never sees notices
         if not _usable_source(state if is_new or is_api else {}, name, source):
             continue
         try:
@@ -678,19 +824,22 @@ def tokenizer_modifier(state, prompt, input_ids, input_embeds):
         # webui built this prompt itself (impersonate, /v1/completions): any slot character in it was typed.
         prompt = llava_chat.neutralize(prompt)
     has_slots = llava_chat.has_slots(prompt)
-    if not has_slots and MEDIA_MARKER not in prompt and not state.get("raw_images"):
+    completion_images = _completion_images(state)
+    if not has_slots and MEDIA_MARKER not in prompt and not completion_images:
         return prompt, _reference_text_ids(prompt, input_ids, state), input_embeds  # text-only turn
     pipeline = _vision.current()
     if pipeline is None:
         if has_slots:  # cannot happen unless the model changed mid-request: drop the slots
             return prompt, _text_only_ids(llava_chat.strip_slots(prompt), state, input_ids), None
-        if state.get("raw_images"):
+        if completion_images:
             _warn_if_blind(state)
         return prompt, input_ids, input_embeds
     from llava_pipeline import EncodingCancelled
 
     try:
         return _splice(pipeline, state, prompt, input_ids)
+    except _ApiImageError as exc:  # an image the client sent cannot be used: the request fails (HTTP 400)
+        _raise_api_error(str(exc))
     except EncodingCancelled:
         logger.info("llava: Stop pressed while encoding images; generation stops too")
         return prompt, _text_only_ids(llava_chat.strip_slots(prompt), state, input_ids, pipeline), None
@@ -705,9 +854,9 @@ def _splice(pipeline, state, prompt, input_ids):
 
     if llava_chat.has_slots(prompt):
         slot_prompt, images = prompt, state.get(IMAGES) or []
-    elif state.get("raw_images"):
+    elif _completion_images(state):
         # /v1/completions: the prompt is the client's own text; a <__media__> in it was typed, not webui's.
-        slot_prompt, images = _slots_for_raw_images(pipeline, state, prompt)
+        slot_prompt, images = _slots_for_completion(pipeline, state, prompt)
     else:
         slot_prompt, images = _slots_from_markers(pipeline, state, prompt)
     slot_prompt, add_bos = pipeline.reference_prompt(slot_prompt, shared.tokenizer)
@@ -777,31 +926,59 @@ def _slots_from_markers(pipeline, state, prompt):
     return llava_chat.replace_spans(prompt, replacements), images
 
 
-def _slots_for_raw_images(pipeline, state, prompt):
-    """/v1/completions with messages: PIL images, no marker. ``<image>`` in the prompt places them;
-    otherwise they go at the start of the prompt (after a leading BOS text)."""
-    import io
+def _completion_images(state) -> list[tuple[str, object, int]]:
+    """``(name, source, message number)`` of the images of a /v1/completions request, in message order.
 
+    Taken from the request's own ``messages`` (data URLs, decoded by the extension): webui's
+    ``raw_images`` lacks every image it could not decode, so an image the client sent would vanish
+    without a word. ``raw_images`` (PIL images, one message) only when a request has no ``messages``.
+    Empty for chat requests (they carry ``history``).
+    """
+    if "history" in state:
+        return []
+    messages = state.get("messages")
+    if isinstance(messages, list):
+        images = []
+        for number, message in enumerate(messages, start=1):
+            content = message.get("content") if isinstance(message, dict) else None
+            images += [(f"image {index} of message {number}", url, number)
+                       for index, url in enumerate(llava_chat.api_image_urls(content), start=1)]
+        return images
+    return [(f"image {number} of the request", image, 1)
+            for number, image in enumerate(state.get("raw_images") or [], start=1)]
+
+
+def _slots_for_completion(pipeline, state, prompt):
+    """/v1/completions with messages: images, no marker. ``<image>`` in the prompt places them;
+    otherwise they go at the start of the prompt (after a leading BOS text). The chat's rule applies:
+    without "embed all", only the images of the most recent message with images are used (the others
+    take no positions, and a typed ``<image>`` of theirs stays empty). An image that cannot be used fails
+    the request (``_ApiImageError``)."""
+    entries = _completion_images(state)
+    keep_all = bool(params["add_all_images_to_prompt"])
+    used = {i for i, (_, _, message) in enumerate(entries) if keep_all or message == entries[-1][2]}
+    limit = int(params["max_images_per_request"])
+    if len(used) > limit:
+        raise _ApiImageError(f"{len(used)} images in this request exceed the limit of {limit} "
+                             "(setting llava-max_images_per_request)")
     images, slots = [], []
-    raw = list(state.get("raw_images") or [])[: int(params["max_images_per_request"])]
-    for number, image in enumerate(raw, start=1):
-        name = f"image {number} of the request"
-        buffer = io.BytesIO()
-        try:
-            image.save(buffer, format="PNG")
-        except Exception as exc:  # noqa: BLE001 - an undecodable image from the API
-            _notify(state, f"{name}: cannot be read ({_first_line(exc)})")
+    for position, (name, source, _) in enumerate(entries):
+        if position not in used:
+            slots.append("")
             continue
-        import base64
-
-        source = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        if not isinstance(source, str):
+            source = _png_data_url(source)  # a PIL image from webui's raw_images
+        elif not source.startswith("data:"):
+            raise _ApiImageError(f"{name}: {NOT_INLINE}")
         try:
             key, size = _check_image(pipeline, name, source)
-        except ValueError as exc:
-            _notify(state, str(exc))
-            continue
+        except ValueError as exc:  # ImageError: names the image and the reason
+            raise _ApiImageError(str(exc)) from exc
         slots.append(llava_chat.slot(len(images), size))
         images.append([name, source, key])
+    if len(used) < len(entries):
+        logger.info("llava: %d image(s) of earlier messages not used: without \"embed all\" only the images of "
+                    "the most recent message with images are", len(entries) - len(used))
     text = llava_chat.neutralize(prompt)
     marker = pipeline.spec.image_token_text or "<image>"
     if marker in text:
@@ -809,6 +986,15 @@ def _slots_for_raw_images(pipeline, state, prompt):
     bos = getattr(shared.tokenizer, "bos_token", None) or ""
     head = bos if bos and text.startswith(bos) else ""
     return head + "".join(slots) + text[len(head):], images
+
+
+def _png_data_url(image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _text_only_ids(text: str, state, fallback, pipeline=None):
@@ -834,26 +1020,7 @@ def logits_processor_modifier(processor_list, input_ids):
         return processor_list
     if limit is not None and tokenizer.eos_token_id is not None:
         processor_list.append(_ContextLimit(limit, tokenizer.eos_token_id))
-    if _vision.pipeline is not None and shared.model is not None:
-        # llava-hf pads the vocabulary (32064 rows for 32002 tokens) with random rows; an id past the
-        # tokenizer cannot be decoded and breaks webui's streaming, so those ids are never chosen.
-        rows = shared.model.get_input_embeddings().weight.shape[0]
-        if rows > len(tokenizer):
-            processor_list.append(_VocabLimit(len(tokenizer)))
     return processor_list
-
-
-class _VocabLimit:
-    """Logits processor: ids at or beyond ``size`` (padding rows without a token) get -inf."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, input_ids, scores):
-        if scores.shape[-1] > self.size:
-            scores = scores.clone()
-            scores[:, self.size:] = float("-inf")
-        return scores
 
 
 class _ContextLimit:

@@ -148,12 +148,19 @@ def test_images():
             "second": png_data_url(tiny_llava.make_test_image(72, 48, seed=2))}
 
 
-def start_llava_server(root: Path, checkpoint_dir: Path, model_name: str, load_at_startup: bool,
-                       nowebui: bool, link_extension_in_user_data: bool) -> real_webui.WebuiServer:
+def prepare_user_data(root: Path, checkpoint_dir: Path, model_name: str, link_extension_in_user_data: bool) -> Path:
     user_data = real_webui.make_user_data_dir(HOST, root / "user_data")
     (user_data / "models" / model_name).symlink_to(checkpoint_dir.resolve(), target_is_directory=True)
     if link_extension_in_user_data:
         real_webui.link_user_extension(user_data, EXTENSION_NAME, EXTENSION_DIR)
+    return user_data
+
+
+def start_llava_server(root: Path, checkpoint_dir: Path, model_name: str, load_at_startup: bool,
+                       nowebui: bool, link_extension_in_user_data: bool) -> real_webui.WebuiServer:
+    user_data = root / "user_data"
+    if not user_data.exists():
+        prepare_user_data(root, checkpoint_dir, model_name, link_extension_in_user_data)
     server = real_webui.WebuiServer(HOST, user_data, root / "webui.log",
                                     model=model_name if load_at_startup else None,
                                     extensions=(EXTENSION_NAME,), nowebui=nowebui)
@@ -169,9 +176,9 @@ def start_llava_server(root: Path, checkpoint_dir: Path, model_name: str, load_a
     return server
 
 
-def run_autoload(action: str) -> str:
+def run_autoload(action: str, extension_dir: Path = EXTENSION_DIR) -> str:
     """``llava_autoload.py <action>`` with webui's interpreter (it acts on that venv's site-packages)."""
-    result = subprocess.run([str(HOST.python), str(EXTENSION_DIR / "llava_autoload.py"), action],
+    result = subprocess.run([str(HOST.python), str(extension_dir / "llava_autoload.py"), action],
                             capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         raise RuntimeError(f"llava_autoload.py {action} failed:\n{result.stdout}{result.stderr}")
@@ -179,15 +186,16 @@ def run_autoload(action: str) -> str:
 
 
 @contextlib.contextmanager
-def autoload_installed():
-    """The .pth hook that lets webui's startup load (``--model``) read LLaVA configs (README, Install).
+def autoload_installed(extension_dir: Path = EXTENSION_DIR):
+    """The .pth hook that lets webui's startup load (``--model``) read LLaVA configs (README, Install),
+    installed by running the script from ``extension_dir`` as the README says for that location.
 
     Left in place if it was installed before the test; otherwise removed afterwards.
     """
     if not (EXTENSION_DIR / "llava_autoload.py").is_file():
         pytest.skip("extensions/llava/llava_autoload.py does not exist")
     was_installed = ": installed" in run_autoload("status")
-    run_autoload("install")
+    run_autoload("install", extension_dir)
     try:
         yield
     finally:
@@ -210,9 +218,11 @@ def llava_server(request, checkpoints, tmp_path_factory) -> LoggedRequest:
     fmt, load_mode = request.param
     root = tmp_path_factory.mktemp(f"webui-{fmt}-{load_mode}")
     with contextlib.ExitStack() as stack:
-        if load_mode == "autoload":
-            stack.enter_context(autoload_installed())
         checkpoint_dir = getattr(checkpoints, fmt)
+        if load_mode == "autoload":
+            # The README's command for the user_data/extensions/llava location, run from that folder.
+            user_data = prepare_user_data(root, checkpoint_dir, f"tiny-llava-{fmt}", link_extension_in_user_data=True)
+            stack.enter_context(autoload_installed(user_data / "extensions" / EXTENSION_NAME))
         server = start_llava_server(root, checkpoint_dir, f"tiny-llava-{fmt}",
                                     load_at_startup=load_mode != "api", nowebui=True,
                                     link_extension_in_user_data=True)

@@ -151,6 +151,17 @@ class IdsServer:
         return record
 
 
+def link_llava_and_capture(user_data: Path, root: Path) -> Path:
+    """Link the extension and the capture extension (written to ``root``) as user extensions; returns the
+    file the capture extension appends its records to."""
+    real_webui.link_user_extension(user_data, "llava", EXTENSION_DIR)
+    capture_dir = root / "llava_idcapture"
+    capture_dir.mkdir()
+    (capture_dir / "script.py").write_text(CAPTURE_EXTENSION, encoding="utf-8")
+    real_webui.link_user_extension(user_data, "llava_idcapture", capture_dir)
+    return capture_dir / "captured.jsonl"
+
+
 @pytest.fixture(scope="module")
 def ids_server(tiny_checkpoints, tmp_path_factory):
     import reference_support
@@ -162,17 +173,13 @@ def ids_server(tiny_checkpoints, tmp_path_factory):
         fmt, tokenizer_config, template, _ = variant
         reference_support.make_variant(getattr(tiny_checkpoints, fmt), user_data / "models" / _variant_name(variant),
                                        tokenizer_config, template)
-    real_webui.link_user_extension(user_data, "llava", EXTENSION_DIR)
-    capture_dir = root / "llava_idcapture"
-    capture_dir.mkdir()
-    (capture_dir / "script.py").write_text(CAPTURE_EXTENSION, encoding="utf-8")
-    real_webui.link_user_extension(user_data, "llava_idcapture", capture_dir)
+    records = link_llava_and_capture(user_data, root)
     server = real_webui.WebuiServer(HOST, user_data, root / "webui.log", model=None,
                                     extensions=("llava", "llava_idcapture"), nowebui=True)
     ready_s = server.start_and_wait()
     logger.info("webui (llava + ids capture) ready after %.1f s", ready_s)
     try:
-        yield IdsServer(server, capture_dir / "captured.jsonl", user_data / "models")
+        yield IdsServer(server, records, user_data / "models")
     finally:
         server.stop()
     log = server.log_text()

@@ -67,6 +67,8 @@ def default_args():
         gpu_split=None,
         listen=False,
         api=False,
+        public_api=False,
+        api_key='',
         nowebui=False,
         portable=False,
         chat_template_file=None,

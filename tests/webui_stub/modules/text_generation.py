@@ -175,6 +175,9 @@ def apply_stopping_strings(reply, all_stop_strings):
 
 def get_reply_from_output_ids(output_ids, state=None, starting_from=0):
     # :287-309: decode the new tokens; restore the leading space SentencePiece marks with '▁'.
+    # An id the tokenizer has no token for (a padded vocabulary row) decodes to '' and converts to
+    # None, and ``None.startswith`` raises AttributeError, as in webui (seen in a real webui with a
+    # llava-hf vocabulary: "'NoneType' object has no attribute 'startswith'").
     reply = decode(output_ids[starting_from:], state['skip_special_tokens'] if state else True)
     if hasattr(shared.tokenizer, 'convert_ids_to_tokens') and len(output_ids) > starting_from and not reply.startswith(' '):
         first_token = shared.tokenizer.convert_ids_to_tokens(int(output_ids[starting_from]))
@@ -183,7 +186,7 @@ def get_reply_from_output_ids(output_ids, state=None, starting_from=0):
                 first_token = first_token.decode('utf8')
             except UnicodeDecodeError:
                 first_token = ''
-        if isinstance(first_token, str) and first_token.startswith('▁'):
+        if first_token.startswith('▁'):
             reply = ' ' + reply
 
     return reply

@@ -9,6 +9,35 @@ from modules import shared
 from modules.logging_colors import logger
 
 
+class LogprobProcessor:
+    """transformers_loader.py:64-82: records the top ``logprobs`` candidates of every generated position.
+
+    A logits processor of the request (``state['logits_processor']``), so it runs before the ones
+    extensions append in ``logits_processor_modifier``. Each candidate id is turned into text with
+    ``get_reply_from_output_ids([id])``, which raises for an id the tokenizer has no token for; inside
+    ``generate`` that ends the reply ("Failed in generation callback" when streaming).
+    """
+
+    def __init__(self, logprobs=None):
+        self.logprobs = logprobs
+        self.token_alternatives = {}
+        self.token_alternatives_history = []
+
+    def __call__(self, input_ids, logits):
+        import torch.nn.functional as F
+
+        from modules.text_generation import get_reply_from_output_ids
+
+        if self.logprobs is not None:
+            log_probabilities = F.log_softmax(logits, dim=1)
+            top_values, top_indices = log_probabilities.topk(self.logprobs)
+            top_tokens = [get_reply_from_output_ids([token]) for token in top_indices[0]]
+            self.token_alternatives = dict(zip(top_tokens, (float(value) for value in top_values[0])))
+            self.token_alternatives_history.append(self.token_alternatives)
+
+        return logits
+
+
 def load_tokenizer(model_name, tokenizer_dir=None):
     from transformers import AutoTokenizer
 

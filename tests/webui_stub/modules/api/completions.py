@@ -89,7 +89,7 @@ def completion_request(**fields):
 
 
 def process_parameters(body):
-    # :321-372 without presets, logit_bias and logprobs.
+    # :321-372 without presets and logit_bias.
     params = body
     params['max_new_tokens'] = body.pop('max_tokens')
     if params['truncation_length'] == 0:
@@ -104,7 +104,38 @@ def process_parameters(body):
     elif isinstance(body.get('stop'), list):
         params['custom_stopping_strings'] = body['stop']
 
+    # :343-369: chat's ``logprobs: true`` takes its count from ``top_logprobs`` (default 5); the request's
+    # LogprobProcessor becomes state['logits_processor'], ahead of any processor an extension appends.
+    logprobs = body.get('logprobs')
+    if logprobs is True:
+        logprobs = max(body.get('top_logprobs') or 1, 1) if body.get('top_logprobs') is not None else 5
+        params['logprobs'] = logprobs
+    if isinstance(logprobs, int) and not isinstance(logprobs, bool) and logprobs > 0:
+        from transformers import LogitsProcessorList
+
+        from modules.transformers_loader import LogprobProcessor
+
+        params['logprob_proc'] = LogprobProcessor(logprobs)
+        params['logits_processor'] = LogitsProcessorList([params['logprob_proc']])
+
     return params
+
+
+def _chat_logprobs(alternatives_list):
+    """format_chat_logprobs (:221-254) for the stand-in's ``{token: logprob}`` entries."""
+    content = [{'token': next(iter(alternatives)), 'logprob': next(iter(alternatives.values())),
+                'top_logprobs': [{'token': token, 'logprob': value} for token, value in alternatives.items()]}
+               for alternatives in alternatives_list if alternatives]
+    return {'content': content} if content else None
+
+
+def _completion_logprobs(alternatives_list):
+    """format_completion_logprobs (:257-318), tokens and top candidates only."""
+    entries = [alternatives for alternatives in alternatives_list if alternatives]
+    if not entries:
+        return None
+    return {'tokens': [next(iter(a)) for a in entries], 'token_logprobs': [next(iter(a.values())) for a in entries],
+            'top_logprobs': entries}
 
 
 def process_multimodal_content(content):
@@ -229,12 +260,18 @@ def chat_completions_common(body, stream=False, prompt_only=False, stop_event=No
         yield {'prompt': generate_chat_prompt(user_input, state, _continue=body['continue_'])}
         return
 
+    logprob_proc = state.pop('logprob_proc', None)
     answer = ''
     seen = ''
+    if stream:  # :667: the role chunk goes out before the prompt is built (and before any extension hook)
+        yield {'choices': [{'index': 0, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None, 'logprobs': None}]}
     for history in generate_chat_reply(user_input, state, regenerate=False, _continue=body['continue_'], loading_message=False):
         answer = history['internal'][-1][1]
         if stream and len(answer) > len(seen):
-            yield {'choices': [{'index': 0, 'delta': {'content': answer[len(seen):]}, 'finish_reason': None}]}
+            chunk = {'choices': [{'index': 0, 'delta': {'content': answer[len(seen):]}, 'finish_reason': None, 'logprobs': None}]}
+            if logprob_proc:
+                chunk['choices'][0]['logprobs'] = _chat_logprobs([logprob_proc.token_alternatives])
+            yield chunk
             seen = answer
 
     if stream:
@@ -245,7 +282,8 @@ def chat_completions_common(body, stream=False, prompt_only=False, stop_event=No
         'object': 'chat.completion',
         'created': int(time.time()),
         'model': shared.model_name,
-        'choices': [{'index': 0, 'finish_reason': 'stop', 'message': {'role': 'assistant', 'content': answer}}],
+        'choices': [{'index': 0, 'finish_reason': 'stop', 'message': {'role': 'assistant', 'content': answer},
+                     'logprobs': _chat_logprobs(logprob_proc.token_alternatives_history) if logprob_proc else None}],
         # Under Transformers the model has no last_prompt_token_count, so webui reports 0.
         'usage': {'prompt_tokens': 0, 'completion_tokens': len(encode(answer)[0]) if answer else 0},
     }
@@ -288,19 +326,26 @@ def completions_common(body, stream=False, stop_event=None):
             logger.info(f'Found {len(raw_images)} image(s) in request.')
             params['raw_images'] = raw_images
 
+    logprob_proc = params.pop('logprob_proc', None)
     prompt = body['prompt']
     answer = ''
     seen = ''
+    if stream:  # :1020-1030: the first chunk goes out before generation (and before any extension hook)
+        yield {'choices': [{'index': 0, 'text': '', 'finish_reason': None, 'logprobs': None}]}
     for answer in generate_reply(prompt, params, is_chat=False):
         if stream and len(answer) > len(seen):
-            yield {'choices': [{'index': 0, 'text': answer[len(seen):]}]}
+            chunk = {'choices': [{'index': 0, 'text': answer[len(seen):], 'logprobs': None}]}
+            if logprob_proc:
+                chunk['choices'][0]['logprobs'] = _completion_logprobs([logprob_proc.token_alternatives])
+            yield chunk
             seen = answer
 
     if not stream:
         yield {
             'object': 'text_completion',
             'model': shared.model_name,
-            'choices': [{'index': 0, 'finish_reason': 'stop', 'text': answer}],
+            'choices': [{'index': 0, 'finish_reason': 'stop', 'text': answer,
+                         'logprobs': _completion_logprobs(logprob_proc.token_alternatives_history) if logprob_proc else None}],
             'usage': {'prompt_tokens': len(encode(prompt)[0])},
         }
 
