@@ -31,6 +31,7 @@ from llava_vision import (
     check_projector_widths,
     load_module_strictly,
     read_hf_projector_tensors,
+    TruncatedTower,
 )
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def pixtral_layout(rows: int, columns: int, image: str = IMAGE_TOKEN, row_break:
 # Tower
 
 
-class PixtralTower(nn.Module):
+class PixtralTower(TruncatedTower):
     """Pixtral vision encoder truncated after the deepest selected layer (built from transformers'
     Pixtral modules, so the arithmetic is the reference's).
 
@@ -110,22 +111,6 @@ class PixtralTower(nn.Module):
         self.patch_positional_embedding = PixtralRotaryEmbedding(self.config)
 
     @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def patch_size(self) -> int:
-        return self.config.patch_size
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    @property
-    def feature_size(self) -> int:
-        return self.hidden_size * len(self.positions)
-
-    @property
     def tokens_per_image(self) -> int:
         """Patches of a square image of the largest size (images smaller than that have fewer)."""
         return (self.image_size // self.patch_size) ** 2
@@ -137,19 +122,6 @@ class PixtralTower(nn.Module):
         inv_freq, _ = rotary.compute_default_rope_parameters(self.config, device=rotary.inv_freq.device)
         rotary.inv_freq.copy_(inv_freq)
         rotary.original_inv_freq.copy_(inv_freq)
-
-    def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        """Strictly load this (truncated) tower from tensors named like ``PixtralVisionModel``'s."""
-        wanted = self.state_dict()
-        missing = [k for k in wanted if k not in tensors]
-        if missing:
-            raise CheckpointError(f"vision tower weights in {source} lack {len(missing)} tensors "
-                                  f"(first: {missing[:3]}); the tower does not match its config")
-        for key, value in wanted.items():
-            if tensors[key].shape != value.shape:
-                raise CheckpointError(f"vision tower tensor {key} in {source} has shape {tuple(tensors[key].shape)}, "
-                                      f"the config expects {tuple(value.shape)}")
-        self.load_state_dict({k: tensors[k] for k in wanted}, strict=True)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pixels = pixel_values.to(self.patch_conv.weight.dtype)

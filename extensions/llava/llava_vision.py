@@ -186,7 +186,46 @@ def _layer_count_needed(layers: tuple[int, ...], num_hidden_layers: int) -> tupl
     return max(positions), tuple(positions)
 
 
-class VisionTower(nn.Module):
+class TruncatedTower(nn.Module):
+    """What every tower shares: its geometry, read from ``self.config`` (a transformers vision config whose
+    ``num_hidden_layers`` is cut to the deepest selected layer), ``self.positions`` (the selected
+    ``hidden_states`` indices) and a strict weight load."""
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def feature_size(self) -> int:
+        return self.hidden_size * len(self.positions)
+
+    def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Strictly load this (truncated) tower from tensors named like the full tower's state dict."""
+        wanted = self.state_dict()
+        missing = [k for k in wanted if k not in tensors]
+        if missing:
+            raise CheckpointError(
+                f"vision tower weights in {source} lack {len(missing)} tensors (first: {missing[:3]}); "
+                "the tower does not match its config"
+            )
+        for key, value in wanted.items():
+            if tensors[key].shape != value.shape:
+                raise CheckpointError(
+                    f"vision tower tensor {key} in {source} has shape {tuple(tensors[key].shape)}, "
+                    f"the config expects {tuple(value.shape)}"
+                )
+        self.load_state_dict({k: tensors[k] for k in wanted}, strict=True)
+
+
+class VisionTower(TruncatedTower):
     """CLIP (or SigLIP) vision encoder truncated after the deepest selected layer.
 
     forward: pixels ``[B, 3, S, S]`` -> features ``[B, N, C * len(layers)]`` with N = (S/patch)² (+1 with CLS).
@@ -229,48 +268,15 @@ class VisionTower(nn.Module):
         self._fuse_qkv()
 
     @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def patch_size(self) -> int:
-        return self.config.patch_size
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    @property
     def tokens_per_image(self) -> int:
         patches = (self.image_size // self.patch_size) ** 2
         return patches + (1 if self.has_cls and self.keep_cls else 0)
-
-    @property
-    def feature_size(self) -> int:
-        return self.hidden_size * len(self.positions)
 
     def reset_position_ids(self) -> None:
         """Refill the non-persistent ``position_ids`` buffer, which ``to_empty`` leaves uninitialised
         (the tower is built on the meta device so that no random init is spent on it)."""
         buffer = self.embeddings.position_ids
         buffer.copy_(torch.arange(buffer.shape[-1], device=buffer.device).expand_as(buffer))
-
-    def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        """Strictly load this (truncated) tower from tensors named like the full tower's state dict."""
-        wanted = self.state_dict()
-        missing = [k for k in wanted if k not in tensors]
-        if missing:
-            raise CheckpointError(
-                f"vision tower weights in {source} lack {len(missing)} tensors (first: {missing[:3]}); "
-                "the tower does not match its config"
-            )
-        for key, value in wanted.items():
-            if tensors[key].shape != value.shape:
-                raise CheckpointError(
-                    f"vision tower tensor {key} in {source} has shape {tuple(tensors[key].shape)}, "
-                    f"the config expects {tuple(value.shape)}"
-                )
-        self.load_state_dict({k: tensors[k] for k in wanted}, strict=True)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixels ``[B, 3, S, S]`` (any float dtype) -> ``[B, N, C * len(layers)]`` in the tower's dtype."""
