@@ -18,7 +18,8 @@ import tiny_aya_vision
 import tiny_onevision
 from parity_support import report_max_logit_delta
 from webui_harness import WebuiHarness, image_part, text_part
-from webui_llava_support import EXTENSION_DIR, Loaded, hook_calls, image, last_call, last_prompt, marked, slots_in
+from webui_llava_support import (  # noqa: F401 - harness_for is a fixture
+    Loaded, harness_for, hook_calls, image, last_call, last_prompt, marked, slots_in)
 
 QUESTION = "What is in the image?"
 ATOL = 1e-5
@@ -40,23 +41,12 @@ def families(tiny_onevision_checkpoints, tiny_aya_checkpoints):
 
 
 @pytest.fixture
-def make_harness(families):
-    made = []
-
+def make_harness(families, harness_for):
     def make(family: str, settings: dict | None = None) -> WebuiHarness:
-        for harness in made:  # the stand-in is process-wide: one harness at a time
-            harness.close()
-        entry = families[family][0]
-        harness = WebuiHarness(
-            EXTENSION_DIR, entry.model, entry.tokenizer,
-            {"mode": "instruct", "max_new_tokens": NEW_TOKENS, "custom_stopping_strings": "", **(settings or {})},
-            args={"model_dir": str(entry.folder.parent), "cpu": True}, model_name=entry.name)
-        made.append(harness)
-        return harness
+        return harness_for(families[family][0], {"max_new_tokens": NEW_TOKENS, "custom_stopping_strings": "",
+                                                 **(settings or {})})
 
-    yield make
-    for harness in made:
-        harness.close()
+    return make
 
 
 def _reference(families, family, conversation, pictures):

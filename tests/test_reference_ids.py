@@ -19,7 +19,7 @@ import original_llava
 from reference_support import (FORMAT_FOLDERS, HF_TEMPLATES, STRING_TEMPLATE, TOKENIZER_CONFIGS, make_variant,
                                original_ids, processor_ids, processor_prompt_ids)
 from webui_harness import WebuiHarness, image_part, text_part
-from webui_llava_support import EXTENSION_DIR, Loaded, image, last_prompt, marked
+from webui_llava_support import Loaded, harness_for, image, last_prompt, marked  # noqa: F401 - fixture
 
 FIRST, SECOND, THIRD = image(70, 45, seed=1), image(45, 70, seed=2), image(60, 60, seed=3)
 REPLY = "It is red."
@@ -41,23 +41,6 @@ def variants(tiny_checkpoints, tmp_path_factory):
         return cache[key]
 
     return get
-
-
-@pytest.fixture
-def harness_for():
-    made = []
-
-    def make(entry: Loaded, settings: dict) -> WebuiHarness:
-        for harness in made:
-            harness.close()
-        harness = WebuiHarness(EXTENSION_DIR, entry.model, entry.tokenizer, settings,
-                               args={"model_dir": str(entry.folder.parent), "cpu": True}, model_name=entry.name)
-        made.append(harness)
-        return harness
-
-    yield make
-    for harness in made:
-        harness.close()
 
 
 def _ours(harness: WebuiHarness, entry: Loaded) -> list:

@@ -136,24 +136,40 @@ def loaded(tiny_checkpoints):
     return get
 
 
-@pytest.fixture
-def make_harness(loaded):
-    """``make_harness(fmt, settings=None, **harness_kwargs)`` -> a WebuiHarness on that tiny checkpoint."""
-    made = []
+class _Harnesses:
+    """Makes WebuiHarness objects one at a time (the stand-in is process-wide: the previous one is closed)."""
 
-    def make(fmt: str, settings: dict | None = None, *, args: dict | None = None, **kwargs) -> WebuiHarness:
-        for harness in made:  # the stand-in is process-wide: one harness at a time
-            harness.close()
-        entry = loaded(fmt)
+    def __init__(self):
+        self.made: list[WebuiHarness] = []
+
+    def make(self, entry: Loaded, settings: dict | None = None, *, args: dict | None = None, **kwargs) -> WebuiHarness:
+        self.close()
         merged_args = {"model_dir": str(entry.folder.parent), "cpu": True, **(args or {})}
         harness = WebuiHarness(EXTENSION_DIR, entry.model, entry.tokenizer, {"mode": "instruct", **(settings or {})},
                                args=merged_args, model_name=entry.name, **kwargs)
-        made.append(harness)
+        self.made.append(harness)
         return harness
 
-    yield make
-    for harness in made:
-        harness.close()
+    def close(self) -> None:
+        for harness in self.made:
+            harness.close()
+
+
+@pytest.fixture
+def harness_for():
+    """``harness_for(entry, settings=None, *, args=None, **harness_kwargs)`` -> a WebuiHarness (instruct mode
+    unless ``settings`` say otherwise) on a :class:`Loaded` checkpoint."""
+    harnesses = _Harnesses()
+    yield harnesses.make
+    harnesses.close()
+
+
+@pytest.fixture
+def make_harness(loaded):
+    """``make_harness(fmt, settings=None, **harness_kwargs)`` -> a WebuiHarness on that tiny checkpoint."""
+    harnesses = _Harnesses()
+    yield lambda fmt, settings=None, **kwargs: harnesses.make(loaded(fmt), settings, **kwargs)
+    harnesses.close()
 
 
 def hook_calls(harness, name: str, since: int = 0):
@@ -200,7 +216,7 @@ def assert_no_image_rows(call, entry: Loaded) -> None:
 __all__ = [
     "ADD_BOS", "CPU", "EXTENSION_DIR", "Loaded", "MARKER", "NOTICE_PREFIX", "SLOT_PATTERN", "V0_SYSTEM",
     "V1_SYSTEM", "assert_generate_matches", "assert_no_image_rows", "hook_calls", "image", "png",
-    "instruct_prompt", "last_call", "last_prompt", "loaded", "make_harness", "marked",
+    "harness_for", "instruct_prompt", "last_call", "last_prompt", "loaded", "make_harness", "marked",
     "slots_in",
     "visible_reply",
 ]
