@@ -125,7 +125,14 @@ def build_llava(config, device: str | torch.device, dtype: torch.dtype, *, seed:
     parts = [model.model.vision_tower, model.model.multi_modal_projector]
     if not vision_only:
         parts += [model.model.language_model, model.lm_head]
-    generator = torch.Generator(device=device).manual_seed(seed)
+    fill_seeded_weights(parts, device, torch.Generator(device=device).manual_seed(seed))
+    _reset_nonpersistent_buffers(model, device, vision_only)
+    return model.eval().requires_grad_(False)
+
+
+def fill_seeded_weights(parts, device, generator: torch.Generator) -> None:
+    """Materialise each meta-device module of ``parts`` on ``device`` with N(0, 0.02²) weights rounded to
+    fp16 (the on-disk precision), norm weights 1 (``*norm*`` modules, Pixtral's ``ln_pre``), biases N(0, 0.01²)."""
     for part in parts:
         part.to_empty(device=device)
         with torch.no_grad():
@@ -133,13 +140,11 @@ def build_llava(config, device: str | torch.device, dtype: torch.dtype, *, seed:
                 module_name = name.rsplit(".", 1)[0] if "." in name else ""
                 if name.endswith("bias"):
                     parameter.normal_(0.0, 0.01, generator=generator)
-                elif "norm" in module_name.rsplit(".", 1)[-1]:
+                elif "norm" in module_name.rsplit(".", 1)[-1] or module_name.endswith("ln_pre"):
                     parameter.fill_(1.0)
                 else:
                     parameter.normal_(0.0, 0.02, generator=generator)
                 parameter.copy_(parameter.to(torch.float16))  # the checkpoint stores fp16
-    _reset_nonpersistent_buffers(model, device, vision_only)
-    return model.eval().requires_grad_(False)
 
 
 def _reset_nonpersistent_buffers(model, device, vision_only: bool) -> None:

@@ -207,18 +207,7 @@ def build_vision_only(model_class, config, device, dtype, seed: int):
         model = model_class(config)
     model = model.to(dtype=dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
-    for part in (model.model.vision_tower, model.model.multi_modal_projector):
-        part.to_empty(device=device)
-        with torch.no_grad():
-            for name, parameter in part.named_parameters():
-                module_name = name.rsplit(".", 1)[0] if "." in name else ""
-                if name.endswith("bias"):
-                    parameter.normal_(0.0, 0.01, generator=generator)
-                elif "norm" in module_name.rsplit(".", 1)[-1] or module_name.endswith("ln_pre"):
-                    parameter.fill_(1.0)
-                else:
-                    parameter.normal_(0.0, 0.02, generator=generator)
-                parameter.copy_(parameter.to(torch.float16))
+    bc.fill_seeded_weights((model.model.vision_tower, model.model.multi_modal_projector), device, generator)
     if isinstance(getattr(model.model, "image_newline", None), torch.nn.Parameter):  # OneVision
         newline = (torch.randn(model.model.image_newline.shape, generator=generator, device=device) * 0.02)
         # Rounded to fp16 like every other weight: the checkpoint stores it in fp16.

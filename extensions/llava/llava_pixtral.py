@@ -28,7 +28,7 @@ from llava_plan import ImagePlan, PlanContext, read_processor_settings
 from llava_prompt import SlotLayout, TokenRun
 from llava_vision import (
     _layer_count_needed,
-    check_projector_widths,
+    linear_pair_widths,
     load_module_strictly,
     read_hf_projector_tensors,
     TruncatedTower,
@@ -189,9 +189,7 @@ class Mistral3Projector(nn.Module):
         from transformers import Mistral3Config
 
         tensors = read_hf_projector_tensors(weights, "patch_merger.merging_layer.weight")
-        in_features = tensors["linear_1.weight"].shape[1] if "linear_1.weight" in tensors else -1
-        out_features = tensors["linear_2.weight"].shape[0] if "linear_2.weight" in tensors else -1
-        check_projector_widths(in_features, out_features, tower, lm_hidden_size)
+        linear_pair_widths(tensors, tower, lm_hidden_size)  # a check only: Mistral3Config sizes the layers
         config = Mistral3Config.from_dict(dict(spec.hf_config))
         with torch.device("meta"):
             projector = cls(config)

@@ -593,9 +593,7 @@ class VipLlavaProjector(nn.Module):
     @classmethod
     def load(cls, spec: LlavaSpec, weights: WeightFiles, *, tower: nn.Module, lm_hidden_size: int) -> "VipLlavaProjector":
         tensors = read_hf_projector_tensors(weights, "projector_layernorm.weight")
-        in_features = tensors["linear_1.weight"].shape[1] if "linear_1.weight" in tensors else -1
-        out_features = tensors["linear_2.weight"].shape[0] if "linear_2.weight" in tensors else -1
-        check_projector_widths(in_features, out_features, tower, lm_hidden_size)
+        in_features, out_features = linear_pair_widths(tensors, tower, lm_hidden_size)
         eps = float(spec.hf_config.get("projector_layernorm_eps", 1e-5))
         with torch.device("meta"):
             projector = cls(in_features, out_features, spec.projector_act, eps)
@@ -615,6 +613,16 @@ def check_projector_widths(in_features: int, out_features: int, tower: nn.Module
             f"projector output width {out_features} does not match the language model's embedding width "
             f"{lm_hidden_size}; hint: the loaded language model is not the one this projector belongs to"
         )
+
+
+def linear_pair_widths(tensors: dict[str, torch.Tensor], tower: nn.Module, lm_hidden_size: int) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an llava-hf ``linear_1 -> act -> linear_2`` projector, checked like
+    :func:`check_projector_widths` (a missing tensor reads as width -1, so the message names the mismatch
+    and the strict load that follows names the missing key)."""
+    in_features = tensors["linear_1.weight"].shape[1] if "linear_1.weight" in tensors else -1
+    out_features = tensors["linear_2.weight"].shape[0] if "linear_2.weight" in tensors else -1
+    check_projector_widths(in_features, out_features, tower, lm_hidden_size)
+    return in_features, out_features
 
 
 def load_module_strictly(module: nn.Module, tensors: dict[str, torch.Tensor], kind: str, folder) -> nn.Module:

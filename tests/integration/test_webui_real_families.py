@@ -1,15 +1,19 @@
-"""Opt-in: VipLLaVA, Pixtral (llava-hf form) and Mistral 3 inside the real text-generation-webui.
+"""Opt-in: the newer LLaVA-architecture families inside the real text-generation-webui.
 
 Skipped unless ``$WEBUI_DIR`` and ``$WEBUI_PYTHON`` name a webui host (see test_webui_real.py). For each
-family a tiny random checkpoint (``tests/tiny_families.py``, written with ``save_pretrained``) is linked into
-a private ``user_data/models``; webui starts with ``--loader Transformers --cpu --api --extensions llava``
-and no model (their ``model_type`` makes webui's startup load raise before any extension is imported), and
-the model is loaded through ``/v1/internal/model/load`` as the Model tab does. Then, over the API:
+family (VipLLaVA, Pixtral in the llava-hf form, Mistral 3: ``tests/tiny_families.py``; LLaVA-OneVision:
+``tests/tiny_onevision.py``; Aya Vision: ``tests/tiny_aya_vision.py``) a tiny random checkpoint written with
+``save_pretrained`` in the hub layout is linked into a private ``user_data/models``; webui starts with
+``--loader Transformers --cpu --api --extensions llava`` and no model (their ``model_type`` makes webui's
+startup load raise before any extension is imported), and the model is loaded through
+``/v1/internal/model/load`` as the Model tab does: webui's own loader then loads the language model alone.
+Over the API:
 
-* an image chat (a non-square image, scaled and cut into Pixtral rows) is spliced, and the prompt that
-  reached the model is exactly as long as the family's transformers processor makes the prompt the
-  checkpoint's own chat template renders for that message (image part + text part): the count comes
-  from the extension's log line "N image(s) spliced into P positions";
+* an image chat with a non-square image (scaled and cut into Pixtral rows; OneVision: tiled, unpadded and
+  downscaled; Aya: tiles plus the thumbnail) is spliced, and the prompt that reached the model is exactly as
+  long as the family's transformers processor makes the prompt the checkpoint's own chat template renders
+  for that message (image part + text part): the count comes from the extension's log line
+  "N image(s) spliced into P positions";
 * the first token's distribution follows the image (same image, same distribution; another image, another);
 * a follow-up turn without a new image still sees the first image, and a text-only chat splices nothing.
 """
@@ -20,16 +24,15 @@ import base64
 import contextlib
 import io
 import json
-import logging
 import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import real_webui
-
-logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXTENSION_DIR = REPO_ROOT / "extensions" / "llava"
@@ -46,14 +49,66 @@ FAILURE_MARKERS = ("Traceback (most recent call last)", "Failed to generate repl
 QUESTION = "Describe the picture."
 MAX_TOKENS = 6
 SAME_IMAGE_TOLERANCE = 1e-4
-FAMILIES = ("vipllava", "pixtral", "mistral3")
-IMAGE_SIZE = (70, 45)
+QUESTION_CONVERSATION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
 
 
 def _tests_module(name: str):
     if str(TESTS_DIR) not in sys.path:
         sys.path.insert(0, str(TESTS_DIR))
     return __import__(name)
+
+
+def _without_processor_bos(length: int, prompt: str, bos: str | None) -> int:
+    """The processor tokenizes with special tokens; a template that prints BOS itself then gets two."""
+    return length - 1 if bos and prompt.startswith(bos) else length
+
+
+def _llava_family_length(kind: str, folder: Path, image) -> int:
+    """VipLLaVA / Pixtral / Mistral 3: the checkpoint's template, then test_families.Reference's processing."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    path = folder / "chat_template.json"
+    template = json.loads(path.read_text())["chat_template"] if path.is_file() else (folder / "chat_template.jinja").read_text()
+    prompt = tokenizer.apply_chat_template(QUESTION_CONVERSATION, chat_template=template,
+                                           add_generation_prompt=True, tokenize=False)
+    length = _tests_module("test_families").Reference(kind, folder).inputs(prompt, [image])["input_ids"].shape[1]
+    return _without_processor_bos(length, prompt, tokenizer.bos_token)
+
+
+def _processor_length(module_name: str, folder: Path, image) -> int:
+    """OneVision / Aya Vision: the family's own processor, template and tokenization alike."""
+    processor = _tests_module(module_name).reference_processor(folder)
+    prompt = processor.apply_chat_template(QUESTION_CONVERSATION, add_generation_prompt=True)
+    bos = processor.tokenizer.bos_token
+    inputs = processor(images=[image], text=prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
+    return len(inputs["input_ids"][0])
+
+
+@dataclass(frozen=True)
+class Family:
+    write_checkpoint: Callable[[Path], Path]  # root -> the checkpoint folder
+    reference_length: Callable[[Path, object], int]  # (folder, image) -> the reference prompt length
+    image_size: tuple[int, int]
+
+
+def _family_checkpoint(kind: str):
+    return lambda root: getattr(_tests_module("tiny_families").write_tiny_family_checkpoints(root), kind)
+
+
+def _hub_checkpoint(module_name: str, writer: str):
+    return lambda root: getattr(_tests_module(module_name), writer)(root).hub
+
+
+FAMILIES = {
+    **{kind: Family(_family_checkpoint(kind), lambda folder, image, kind=kind: _llava_family_length(kind, folder, image),
+                    (70, 45))
+       for kind in ("vipllava", "pixtral", "mistral3")},
+    "onevision": Family(_hub_checkpoint("tiny_onevision", "write_tiny_onevision"),
+                        lambda folder, image: _processor_length("tiny_onevision", folder, image), (300, 200)),
+    "aya": Family(_hub_checkpoint("tiny_aya_vision", "write_tiny_aya"),
+                  lambda folder, image: _processor_length("tiny_aya_vision", folder, image), (300, 90)),
+}
 
 
 def png_data_url(image) -> str:
@@ -67,39 +122,17 @@ def image_message(url: str, text: str = QUESTION) -> dict:
                                         {"type": "text", "text": text}]}
 
 
-def reference_prompt_length(folder: Path, kind: str, image) -> int:
-    """Input length the family's processor gives for the message [image, text] rendered by the
-    checkpoint's own chat template (what webui's prompt must come to)."""
-    from transformers import AutoTokenizer
+class FamilyServer:
+    """A real webui serving one family's tiny checkpoint, with two test images."""
 
-    test_families = _tests_module("test_families")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    path = folder / "chat_template.json"
-    template = json.loads(path.read_text())["chat_template"] if path.is_file() else (folder / "chat_template.jinja").read_text()
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
-        chat_template=template, add_generation_prompt=True, tokenize=False)
-    inputs = test_families.Reference(kind, folder).inputs(prompt, [image])
-    length = inputs["input_ids"].shape[1]
-    bos = tokenizer.bos_token
-    return length - 1 if bos and prompt.startswith(bos) else length
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return _tests_module("tiny_families").write_tiny_family_checkpoints(tmp_path_factory.mktemp("tiny-families"))
-
-
-@pytest.fixture(scope="module")
-def images():
-    tiny_llava = _tests_module("tiny_llava")
-    first, second = (tiny_llava.make_test_image(*IMAGE_SIZE, seed=seed) for seed in (1, 2))
-    return {"first": (first, png_data_url(first)), "second": (second, png_data_url(second))}
-
-
-class Server:
-    def __init__(self, server: real_webui.WebuiServer, banned_ids: range):
-        self.server = server
+    def __init__(self, kind: str, server: real_webui.WebuiServer, folder: Path, banned_ids: range):
+        self.kind, self.server, self.folder = kind, server, folder
+        self.model_name = f"tiny-{kind}"
+        tiny_llava = _tests_module("tiny_llava")
+        size = FAMILIES[kind].image_size
+        self.images = {name: (picture, png_data_url(picture))
+                       for name, picture in (("first", tiny_llava.make_test_image(*size, seed=1)),
+                                             ("second", tiny_llava.make_test_image(*size, seed=2)))}
         # Padded vocabulary rows (VipLLaVA) have no token text; webui cannot report them in the top-5
         # log-probabilities (see test_webui_real.ids_beyond_tokenizer), so they are kept out.
         self.logit_bias = {str(token_id): -1e4 for token_id in banned_ids}
@@ -115,43 +148,43 @@ class Server:
         return reply, log_slice
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family_server(request, checkpoints, tmp_path_factory):
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_server(request, tmp_path_factory):
     kind = request.param
     root = tmp_path_factory.mktemp(f"webui-{kind}")
+    folder = FAMILIES[kind].write_checkpoint(root / "checkpoints")
     user_data = real_webui.make_user_data_dir(HOST, root / "user_data")
-    model_name = f"tiny-{kind}"
-    (user_data / "models" / model_name).symlink_to(getattr(checkpoints, kind).resolve(), target_is_directory=True)
+    (user_data / "models" / f"tiny-{kind}").symlink_to(folder.resolve(), target_is_directory=True)
     real_webui.link_user_extension(user_data, EXTENSION_NAME, EXTENSION_DIR)
     server = real_webui.WebuiServer(HOST, user_data, root / "webui.log", model=None, extensions=(EXTENSION_NAME,),
                                     nowebui=True)
     with contextlib.ExitStack() as stack:
         server.start_and_wait()
         stack.callback(server.stop)
-        server.load_model(model_name)
+        server.load_model(f"tiny-{kind}")
         assert f'Loading the extension "{EXTENSION_NAME}"' in server.log_text()
         from test_webui_real import ids_beyond_tokenizer
 
-        yield kind, Server(server, ids_beyond_tokenizer(getattr(checkpoints, kind)))
+        yield FamilyServer(kind, server, folder, ids_beyond_tokenizer(folder))
     assert server.process.returncode == 0, server.log_tail()
 
 
-def test_image_chat_is_spliced_at_the_reference_length(family_server, checkpoints, images):
-    kind, server = family_server
-    picture, url = images["first"]
-    reply, log_slice = server.chat([image_message(url)])
+def test_image_chat_is_spliced_at_the_reference_length(family_server):
+    picture, url = family_server.images["first"]
+    _, log_slice = family_server.chat([image_message(url)])
     found = SPLICED.findall(log_slice)
     assert [int(n) for n, _ in found] == [1], log_slice[-3000:]
-    active = VISION_ACTIVE.findall(server.server.log_text())
-    assert active and active[-1] == f"tiny-{kind}"
-    assert int(found[0][1]) == reference_prompt_length(getattr(checkpoints, kind), kind, picture), log_slice[-3000:]
+    active = VISION_ACTIVE.findall(family_server.server.log_text())
+    assert active and active[-1] == family_server.model_name
+    expected = FAMILIES[family_server.kind].reference_length(family_server.folder, picture)
+    assert int(found[0][1]) == expected, log_slice[-3000:]
 
 
-def test_image_chat_follows_the_image(family_server, images):
-    _, server = family_server
-    first, _ = server.chat([image_message(images["first"][1])])
-    second, _ = server.chat([image_message(images["second"][1])])
-    again, _ = server.chat([image_message(images["first"][1])])
+def test_image_chat_follows_the_image(family_server):
+    images = family_server.images
+    first, _ = family_server.chat([image_message(images["first"][1])])
+    second, _ = family_server.chat([image_message(images["second"][1])])
+    again, _ = family_server.chat([image_message(images["first"][1])])
     first_dist = real_webui.first_token_distribution(first)
     again_dist = real_webui.first_token_distribution(again)
     second_dist = real_webui.first_token_distribution(second)
@@ -161,14 +194,13 @@ def test_image_chat_follows_the_image(family_server, images):
         > SAME_IMAGE_TOLERANCE, "two different images gave the same first-token distribution"
 
 
-def test_follow_up_and_text_only(family_server, images):
-    _, server = family_server
-    opening = image_message(images["first"][1])
-    server.chat([opening])
+def test_follow_up_and_text_only(family_server):
+    opening = image_message(family_server.images["first"][1])
+    family_server.chat([opening])
     # A fixed assistant turn: a random model's reply can be blank, which webui drops from the history, and
     # Pixtral's template then refuses two user turns in a row (its alternation check).
     history = [opening, {"role": "assistant", "content": "It is a small picture."}]
-    _, log_slice = server.chat(history + [{"role": "user", "content": "What colour is it?"}])
+    _, log_slice = family_server.chat(history + [{"role": "user", "content": "What colour is it?"}])
     assert [int(n) for n, _ in SPLICED.findall(log_slice)] == [1], log_slice[-3000:]
-    _, log_slice = server.chat([{"role": "user", "content": "Hello, who are you?"}])
+    _, log_slice = family_server.chat([{"role": "user", "content": "Hello, who are you?"}])
     assert SPLICED.findall(log_slice) == [], log_slice[-3000:]
