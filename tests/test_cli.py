@@ -10,12 +10,13 @@ the references are computed in this process; the tests then only read the result
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,40 @@ def _run_cli(args: list[str], env: dict[str, str]) -> CliRun:
     )
 
 
+def image_args(keys, files) -> list[str]:
+    """``--image PATH`` for each key of ``files``, in order."""
+    return [arg for key in keys for arg in ("--image", str(files[key]))]
+
+
+def cli_args(model: Path, keys, files, raw_prompt: str | None, *, question: str, new_tokens: int) -> list[str]:
+    """A run with the images ``keys``: ``raw_prompt`` with ``--raw``, or (``None``) ``question`` templated."""
+    prompt = ["--prompt", raw_prompt, "--raw"] if raw_prompt else ["--prompt", question]
+    return ["--model", str(model), "--max-new-tokens", str(new_tokens), *image_args(keys, files), *prompt]
+
+
+def write_image_files(root: Path, images: dict) -> dict[str, Path]:
+    """key -> PNG path for each PIL image of ``images``."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for key, image in images.items():
+        paths[key] = root / f"{key}.png"
+        image.save(paths[key])
+    return paths
+
+
+@contextlib.contextmanager
+def cli_runs_started(runs: dict[str, list[str]], hf_home: Path):
+    """Start every run (name -> CLI arguments), PARALLEL_RUNS at a time; yields name -> Future[CliRun] and
+    waits for them all on exit."""
+    env = dict(os.environ)
+    # Offline with an empty cache: nothing may come from (or go to) a hub. UTF-8 pipes: the tiny model's
+    # replies contain U+FFFD from byte-fallback tokens.
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(hf_home), PYTHONIOENCODING="utf-8")
+    env.pop("HF_HUB_CACHE", None)
+    with ThreadPoolExecutor(max_workers=PARALLEL_RUNS) as pool:
+        yield {name: pool.submit(_run_cli, args, env) for name, args in runs.items()}
+
+
 def _write_plain_llama(folder: Path, tokenizer_source: Path) -> Path:
     """A tiny ordinary Llama checkpoint (no LLaVA fields): what the CLI must refuse."""
     import shutil
@@ -89,10 +124,8 @@ def _write_plain_llama(folder: Path, tokenizer_source: Path) -> Path:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_checkpoints) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli_inputs")
-    paths = {}
-    for key, (width, height) in IMAGE_SIZES.items():
-        paths[key] = root / f"{key}.png"
-        make_test_image(width, height, seed=width * 1000 + height).save(paths[key])
+    paths = write_image_files(root, {key: make_test_image(width, height, seed=width * 1000 + height)
+                                     for key, (width, height) in IMAGE_SIZES.items()})
     paths["bad"] = root / "not_really.png"
     paths["bad"].write_bytes(b"these bytes are not an image\n" * 4)
     paths["missing_image"] = root / "no_such_picture.png"
@@ -103,40 +136,28 @@ def files(tmp_path_factory, tiny_checkpoints) -> dict[str, Path]:
     return paths
 
 
-def _images_args(keys, files) -> list[str]:
-    return [arg for key in keys for arg in ("--image", str(files[key]))]
-
-
 @pytest.fixture(scope="module")
 def cli_runs(tiny_checkpoints, files):
     """name -> Future[CliRun]; every run is started here, PARALLEL_RUNS at a time."""
-    env = dict(os.environ)
-    # Offline with an empty cache: nothing may come from (or go to) a hub. UTF-8 pipes: the tiny model's
-    # replies contain U+FFFD from byte-fallback tokens.
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(files["hf_home"]), PYTHONIOENCODING="utf-8")
-    env.pop("HF_HUB_CACHE", None)
-    common = ["--max-new-tokens", str(NEW_TOKENS)]
     runs: dict[str, list[str]] = {}
     for fmt, (prompt, images) in RAW_CASES.items():
-        runs[f"raw-{fmt}"] = ["--model", str(getattr(tiny_checkpoints, fmt)), *_images_args(images, files),
-                              "--prompt", prompt, "--raw", *common]
+        runs[f"raw-{fmt}"] = cli_args(getattr(tiny_checkpoints, fmt), images, files, prompt, question=QUESTION,
+                                      new_tokens=NEW_TOKENS)
     for fmt, images in TEMPLATED_CASES.items():
-        runs[f"templated-{fmt}"] = ["--model", str(getattr(tiny_checkpoints, fmt)), *_images_args(images, files),
-                                    "--prompt", QUESTION, *common]
+        runs[f"templated-{fmt}"] = cli_args(getattr(tiny_checkpoints, fmt), images, files, None, question=QUESTION,
+                                            new_tokens=NEW_TOKENS)
     hf = str(tiny_checkpoints.hf)
     runs["missing-image"] = ["--model", hf, "--image", str(files["missing_image"]), "--prompt", "<image> hi", "--raw"]
     runs["bad-image"] = ["--model", hf, "--image", str(files["bad"]), "--prompt", "<image> hi", "--raw"]
-    runs["plain-llama"] = ["--model", str(files["plain_llama"]), *_images_args(["a"], files), "--prompt", "hi"]
-    runs["missing-model-dir"] = ["--model", str(files["missing_model"]), *_images_args(["a"], files), "--prompt", "hi"]
-    runs["missing-hub-model"] = ["--model", "no-such-org/no-such-llava", *_images_args(["a"], files), "--prompt", "hi"]
-    runs["marker-count"] = ["--model", str(tiny_checkpoints.v15), *_images_args(["a"], files),
+    runs["plain-llama"] = ["--model", str(files["plain_llama"]), *image_args(["a"], files), "--prompt", "hi"]
+    runs["missing-model-dir"] = ["--model", str(files["missing_model"]), *image_args(["a"], files), "--prompt", "hi"]
+    runs["missing-hub-model"] = ["--model", "no-such-org/no-such-llava", *image_args(["a"], files), "--prompt", "hi"]
+    runs["marker-count"] = ["--model", str(tiny_checkpoints.v15), *image_args(["a"], files),
                             "--prompt", "<image> and <image>", "--raw"]
-    runs["bad-dtype"] = ["--model", hf, *_images_args(["a"], files), "--prompt", "hi", "--dtype", "float8"]
+    runs["bad-dtype"] = ["--model", hf, *image_args(["a"], files), "--prompt", "hi", "--dtype", "float8"]
 
-    pool = ThreadPoolExecutor(max_workers=PARALLEL_RUNS)
-    futures: dict[str, Future] = {name: pool.submit(_run_cli, args, env) for name, args in runs.items()}
-    yield futures
-    pool.shutdown(wait=True)
+    with cli_runs_started(runs, files["hf_home"]) as futures:
+        yield futures
 
 
 # ---------------------------------------------------------------------------------------------------------

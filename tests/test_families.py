@@ -16,8 +16,6 @@ size alone equal to what the processors produce; the CLI (templated and ``--raw`
 from __future__ import annotations
 
 import json
-import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -335,35 +333,22 @@ CLI_CASES = {
     "vipllava-raw": ("###Human: <image>\nWhat is this?###Assistant:", ["b"]),
 }
 
-from test_cli import _run_cli  # noqa: E402
+from test_cli import cli_args, cli_runs_started, write_image_files  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cli_image_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("family_cli_images")
-    paths = {}
-    for key, size in CLI_IMAGES.items():
-        paths[key] = root / f"{key}.png"
-        _images([size])[0].save(paths[key])
-    return paths
+    return write_image_files(tmp_path_factory.mktemp("family_cli_images"),
+                             {key: _images([size])[0] for key, size in CLI_IMAGES.items()})
 
 
 @pytest.fixture(scope="module")
 def cli_runs(tiny_family_checkpoints, cli_image_files, tmp_path_factory):
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONIOENCODING="utf-8",
-               HF_HOME=str(tmp_path_factory.mktemp("empty_hf_home")))
-    env.pop("HF_HUB_CACHE", None)
-    pool = ThreadPoolExecutor(max_workers=int(os.environ.get("LLAVA_TEST_CLI_WORKERS", "2")))
-    futures: dict[str, Future] = {}
-    for case, (raw_prompt, keys) in CLI_CASES.items():
-        kind = case.split("-")[0]
-        args = ["--model", str(getattr(tiny_family_checkpoints, kind)), "--max-new-tokens", str(CLI_NEW_TOKENS)]
-        args += [arg for key in keys for arg in ("--image", str(cli_image_files[key]))]
-        args += ["--prompt", raw_prompt, "--raw"] if raw_prompt else ["--prompt", QUESTION]
-        futures[case] = pool.submit(_run_cli, args, env)
-    yield futures
-    pool.shutdown(wait=True)
+    runs = {case: cli_args(getattr(tiny_family_checkpoints, case.split("-")[0]), keys, cli_image_files, raw_prompt,
+                           question=QUESTION, new_tokens=CLI_NEW_TOKENS)
+            for case, (raw_prompt, keys) in CLI_CASES.items()}
+    with cli_runs_started(runs, tmp_path_factory.mktemp("empty_hf_home")) as futures:
+        yield futures
 
 
 def _cli_reference_reply(reference: Reference, case: str, images) -> str:

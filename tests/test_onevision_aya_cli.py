@@ -4,15 +4,12 @@ what the transformers reference decodes greedily for the same prompt and images.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import torch
 
 import tiny_aya_vision
 import tiny_onevision
-from test_cli import _run_cli
+from test_cli import cli_args, cli_runs_started, write_image_files
 from tiny_llava import make_test_image
 
 NEW_TOKENS = 8
@@ -42,30 +39,16 @@ def folders(tiny_onevision_checkpoints, tiny_aya_checkpoints):
 
 @pytest.fixture(scope="module")
 def image_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("family_cli_images")
-    paths = {}
-    for key in IMAGES:
-        paths[key] = root / f"{key}.png"
-        _images([key])[0].save(paths[key])
-    return paths
+    return write_image_files(tmp_path_factory.mktemp("family_cli_images"), {key: _images([key])[0] for key in IMAGES})
 
 
 @pytest.fixture(scope="module")
 def runs(folders, image_files, tmp_path_factory):
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONIOENCODING="utf-8",
-               HF_HOME=str(tmp_path_factory.mktemp("empty_hf_home")))
-    env.pop("HF_HUB_CACHE", None)
-    pool = ThreadPoolExecutor(max_workers=int(os.environ.get("LLAVA_TEST_CLI_WORKERS", "2")))
-    futures = {}
-    for case, (family, layout, raw, keys) in CASES.items():
-        folder = getattr(folders[family], layout)
-        args = ["--model", str(folder), "--max-new-tokens", str(NEW_TOKENS)]
-        args += [arg for key in keys for arg in ("--image", str(image_files[key]))]
-        args += ["--prompt", raw, "--raw"] if raw else ["--prompt", QUESTION]
-        futures[case] = pool.submit(_run_cli, args, env)
-    yield futures
-    pool.shutdown(wait=True)
+    args = {case: cli_args(getattr(folders[family], layout), keys, image_files, raw, question=QUESTION,
+                           new_tokens=NEW_TOKENS)
+            for case, (family, layout, raw, keys) in CASES.items()}
+    with cli_runs_started(args, tmp_path_factory.mktemp("empty_hf_home")) as futures:
+        yield futures
 
 
 def _reference_reply(folders, case) -> str:

@@ -11,9 +11,7 @@ equal greedy tokens. CLI: stdout equals what the transformers reference decodes 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -177,34 +175,22 @@ CLI_CASES = {
 
 
 # The CLI runner of the CLI tests (same contract: stdout, stderr, exit status, wall time).
-from test_cli import CliRun, _run_cli  # noqa: E402,F401
+from test_cli import cli_args, cli_runs_started, write_image_files  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cli_image_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("variant_cli_images")
-    paths = {}
-    for key, size in CLI_IMAGES.items():
-        paths[key] = root / f"{key}.png"
-        _images([size])[0].save(paths[key])
-    return paths
+    return write_image_files(tmp_path_factory.mktemp("variant_cli_images"),
+                             {key: _images([size])[0] for key, size in CLI_IMAGES.items()})
 
 
 @pytest.fixture(scope="module")
 def cli_runs(tiny_next_checkpoints, cli_image_files, tmp_path_factory):
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONIOENCODING="utf-8",
-               HF_HOME=str(tmp_path_factory.mktemp("empty_hf_home")))
-    env.pop("HF_HUB_CACHE", None)
-    pool = ThreadPoolExecutor(max_workers=int(os.environ.get("LLAVA_TEST_CLI_WORKERS", "2")))
-    futures: dict[str, Future] = {}
-    for kind, (raw_prompt, keys) in CLI_CASES.items():
-        args = ["--model", str(getattr(tiny_next_checkpoints, kind)), "--max-new-tokens", str(CLI_NEW_TOKENS)]
-        args += [arg for key in keys for arg in ("--image", str(cli_image_files[key]))]
-        args += ["--prompt", raw_prompt, "--raw"] if raw_prompt else ["--prompt", QUESTION]
-        futures[kind] = pool.submit(_run_cli, args, env)
-    yield futures
-    pool.shutdown(wait=True)
+    runs = {kind: cli_args(getattr(tiny_next_checkpoints, kind), keys, cli_image_files, raw_prompt,
+                           question=QUESTION, new_tokens=CLI_NEW_TOKENS)
+            for kind, (raw_prompt, keys) in CLI_CASES.items()}
+    with cli_runs_started(runs, tmp_path_factory.mktemp("empty_hf_home")) as futures:
+        yield futures
 
 
 def _cli_reference_reply(tiny, kind: str, images) -> str:
