@@ -393,11 +393,20 @@ def train_tiny_byte_level_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def _write_qwen_tokenizer(directory: Path, tokenizer: Tokenizer) -> None:
+def special_token_entry(content: str) -> dict:
+    """An ``added_tokens_decoder`` / ``special_tokens_map.json`` entry of a special token, as the hub writes it."""
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, "special": True}
+
+
+def write_qwen_tokenizer(directory: Path, tokenizer: Tokenizer, added_tokens=QWEN_ADDED, **config) -> int:
+    """tokenizer.json, vocab.json, merges.txt and tokenizer_config.json (Qwen2 layout, transformers 4.x;
+    ``config`` adds or replaces keys) with ``added_tokens`` as special tokens after the trained vocabulary.
+    Returns the first added token's id (``<|endoftext|>``)."""
     tokenizer = Tokenizer.from_str(tokenizer.to_str())
     base = tokenizer.get_vocab_size(with_added_tokens=True)
-    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in QWEN_ADDED])
-    for offset, token in enumerate(QWEN_ADDED):
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in added_tokens])
+    for offset, token in enumerate(added_tokens):
         if tokenizer.token_to_id(token) != base + offset:
             raise RuntimeError(f"added token {token} did not get id {base + offset}")
     tokenizer.save(str(directory / "tokenizer.json"))
@@ -405,16 +414,11 @@ def _write_qwen_tokenizer(directory: Path, tokenizer: Tokenizer) -> None:
     tiny_llava.write_json(directory / "vocab.json", dict(sorted(vocab.items(), key=lambda item: item[1])))
     merges = json.loads(tokenizer.to_str())["model"]["merges"]
     (directory / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(" ".join(m) + "\n" if isinstance(m, list) else m + "\n" for m in merges),
+        "#version: 0.2\n" + "".join((" ".join(m) if isinstance(m, list) else m) + "\n" for m in merges),
         encoding="utf-8")
-
-    def entry(content: str) -> dict:
-        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                "single_word": False, "special": True}
-
     tiny_llava.write_json(directory / "tokenizer_config.json", {
         "add_prefix_space": False,
-        "added_tokens_decoder": {str(base + i): entry(token) for i, token in enumerate(QWEN_ADDED)},
+        "added_tokens_decoder": {str(base + i): special_token_entry(token) for i, token in enumerate(added_tokens)},
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
         "bos_token": None,
         "clean_up_tokenization_spaces": False,
@@ -426,7 +430,9 @@ def _write_qwen_tokenizer(directory: Path, tokenizer: Tokenizer) -> None:
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
+        **config,
     })
+    return base
 
 
 def _write_variants(root: Path, tokenizer: Tokenizer, base_vocab: int, seed: int) -> dict:
@@ -476,7 +482,7 @@ def _write_variants(root: Path, tokenizer: Tokenizer, base_vocab: int, seed: int
                       "rescale_factor": 1 / 255, "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                   },
                   generation={"bos_token_id": None, "eos_token_id": qwen_base + 2},
-                  tokenizer_writer=lambda directory: _write_qwen_tokenizer(directory, qwen_tokenizer))
+                  tokenizer_writer=lambda directory: write_qwen_tokenizer(directory, qwen_tokenizer))
     return {"qwen_base_vocab": qwen_base, "qwen_image_token_id": qwen_image, "qwen_padded_vocab": qwen_padded}
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer
+from tokenizers import Tokenizer
 
 import tiny_llava
 import tiny_llava_next
@@ -106,42 +106,12 @@ def train_qwen_tokenizer() -> Tokenizer:
 
 
 def _write_tokenizer(directory: Path, base: Tokenizer) -> int:
-    """tokenizer.json, vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json,
-    added_tokens.json (transformers 4.x layout). Returns V (the id of ``<|endoftext|>``)."""
-    tokenizer = Tokenizer.from_str(base.to_str())
-    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in ADDED_TOKENS])
-    for offset, token in enumerate(ADDED_TOKENS):
-        if tokenizer.token_to_id(token) != vocab_size + offset:
-            raise RuntimeError(f"added token {token} did not get id {vocab_size + offset}")
-    tokenizer.save(str(directory / "tokenizer.json"))
-    vocab = tokenizer.get_vocab(with_added_tokens=False)
-    tiny_llava.write_json(directory / "vocab.json", dict(sorted(vocab.items(), key=lambda item: item[1])))
-    merges = json.loads(tokenizer.to_str())["model"]["merges"]
-    (directory / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join((" ".join(m) if isinstance(m, list) else m) + "\n" for m in merges), encoding="utf-8")
-
-    def entry(content: str) -> dict:
-        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                "single_word": False, "special": True}
-
-    tiny_llava.write_json(directory / "tokenizer_config.json", {
-        "add_prefix_space": False,
-        "added_tokens_decoder": {str(vocab_size + i): entry(token) for i, token in enumerate(ADDED_TOKENS)},
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-        "bos_token": None,
-        "chat_template": QWEN_TOKENIZER_CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>",
-        "errors": "replace",
-        "model_max_length": tiny_llava.MAX_POSITION_EMBEDDINGS,
-        "pad_token": "<|endoftext|>",
-        "padding_side": "left",
-        "processor_class": "LlavaOnevisionProcessor",
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-    })
+    """The Qwen2 tokenizer files plus special_tokens_map.json and added_tokens.json (transformers 4.x layout).
+    Returns V (the id of ``<|endoftext|>``)."""
+    vocab_size = tiny_llava_next.write_qwen_tokenizer(
+        directory, base, ADDED_TOKENS, chat_template=QWEN_TOKENIZER_CHAT_TEMPLATE, padding_side="left",
+        processor_class="LlavaOnevisionProcessor")
+    entry = tiny_llava_next.special_token_entry
     tiny_llava.write_json(directory / "special_tokens_map.json", {
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
         "eos_token": entry("<|im_end|>"), "pad_token": entry("<|endoftext|>")})
