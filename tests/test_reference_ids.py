@@ -6,8 +6,9 @@ original LLaVA's get_prompt + tokenizer_image_token for the original formats). C
 the image rows, and the place and length of every image span (rows whose embedding is not their id's
 plain embedding). Variations: ``legacy`` true / false, ``add_bos_token`` false (with and without a
 BOS-adding post-processor in tokenizer.json), webui's "Add the bos_token" on and off, instruct and chat
-modes and the API, one and several turns, images in several turns with "embed all" on, a template picked
-in webui's menu, and chat templates of both content shapes.
+modes and the API, one and several turns, images in several turns with "embed all" on, templates
+picked in webui's menu (in the shapes webui ships: "+"-joined, rstripped), and chat templates of both
+content shapes.
 """
 
 from __future__ import annotations
@@ -218,6 +219,49 @@ def test_a_menu_template_that_writes_the_bos_text(fmt, variants, harness_for):
     else:
         expected = processor_prompt_ids(entry.folder, prompt, [FIRST])
     assert ours == expected
+
+
+# Templates in the shapes of those webui's menu ships (written here, not copied): content joined with "+" and
+# cut with .rstrip(), a string method a list of parts lacks; an empty generation prompt.
+MENU_SHAPED_TEMPLATES = {
+    "inst-rstrip": ("{%- for message in messages %}{%- if message['role'] == 'user' -%}"
+                    "{{- '[INST] ' + message['content'].rstrip() + ' [/INST]' -}}"
+                    "{%- elif message['role'] == 'assistant' -%}{{- message['content'] + '</s>' -}}{%- endif -%}"
+                    "{%- endfor -%}{%- if add_generation_prompt -%}{{- '' -}}{%- endif -%}"),
+    "headers-rstrip": ("{%- for message in messages -%}"
+                       "{{- '<|head|>' + message['role'] + '<|/head|>\n\n' + message['content'].rstrip() + '<|eot|>' -}}"
+                       "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|head|>assistant<|/head|>\n\n' -}}{%- endif -%}"),
+    "plus-joined": ("{%- for message in messages %}{%- if message['role'] == 'user' -%}"
+                    "{{- '### Instruction:\n' + message['content'] + '\n\n' -}}{%- else -%}"
+                    "{{- '### Response:\n' + message['content'] + '\n\n' -}}{%- endif -%}{%- endfor -%}"
+                    "{%- if add_generation_prompt -%}{{- '### Response:\n' -}}{%- endif -%}"),
+}
+
+
+@pytest.mark.parametrize("template", sorted(MENU_SHAPED_TEMPLATES))
+@pytest.mark.parametrize("fmt", ["v15", "v0", "hf"])
+def test_menu_shaped_templates_keep_every_image(fmt, template, variants, harness_for):
+    """A template picked in webui's menu that concatenates or rstrips the content renders each user message
+    with its images placed, and the prompt is tokenized as the reference tokenizes it, every image spliced."""
+    from modules import shared
+
+    entry = variants(fmt, "legacy-false")
+    harness = harness_for(entry, _settings(True))
+    shared.settings["instruction_template_str"] = MENU_SHAPED_TEMPLATES[template]
+    turns = CONVERSATIONS["images-in-two-turns"]
+    _drive_ui(harness, turns)
+    prompt = marked(last_prompt(harness))
+    placed = (("Compare these.\n<image>\n<image>", "And this one?\n<image>") if fmt == "v0"
+              else ("<image>\n<image>\nCompare these.", "<image>\nAnd this one?"))
+    assert all(text in prompt for text in placed), prompt
+    pictures = [picture for _, images, _ in turns for picture in images]
+    if fmt == "hf":
+        expected = processor_prompt_ids(entry.folder, prompt, pictures)
+    else:
+        expected = original_ids(entry.tokenizer, fmt, prompt, _image_rows(entry, turns))
+    ours = _ours(harness, entry)
+    assert ours == expected
+    assert ours.count(None) == sum(_image_rows(entry, turns))
 
 
 def test_legacy_false_first_word_keeps_its_word_start(variants, harness_for):

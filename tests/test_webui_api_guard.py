@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import pytest
 
 import llava_api
-from webui_harness import data_url, image_part, text_part
+from webui_harness import image_part, text_part
 from webui_llava_support import image, loaded, make_harness  # noqa: F401 - fixtures
 
 from modules.api import script as api_script  # noqa: E402

@@ -8,10 +8,10 @@ generation, the ``input_ids`` the ``tokenizer_modifier`` chain hands to ``model.
 configs and chat-template shapes real checkpoints ship (tests/reference_support.py) are loaded one after the
 other through ``/v1/internal/model/load`` into one webui, and chats are sent over ``/v1/chat/completions``:
 instruct mode (the checkpoint's template) with webui's ``add_bos_token`` on and off, several turns with images
-in several of them ("embed all" on in ``settings.yaml``), a system message, a text-only chat, chat mode, and a
-template picked from webui's menu (``instruction_template: Vicuna-v1.1``). The references are computed here:
-the checkpoint's processor for llava-hf, original LLaVA's ``get_prompt`` + ``tokenizer_image_token`` for the
-original formats.
+in several of them ("embed all" on in ``settings.yaml``), a system message, a text-only chat, chat mode, and
+every template of webui's own menu (``instruction_template: Alpaca``, ``ChatML``, ... ``Vicuna-v1.1``). The
+references are computed here: the checkpoint's processor for llava-hf, original LLaVA's ``get_prompt`` +
+``tokenizer_image_token`` for the original formats.
 """
 
 from __future__ import annotations
@@ -248,12 +248,18 @@ def test_instruct_chat_reaches_the_model_as_the_reference(ids_server, variant, c
     assert _ours(record) == expected
 
 
+# The templates webui's instruction-template menu ships (user_data/instruction-templates at 1dcde41d). They
+# concatenate and rstrip message['content'], so they need it as a string.
+MENU_TEMPLATES = ["Alpaca", "ChatML", "Llama-v3", "Mistral", "Open Assistant", "Vicuna-v1.1"]
+
+
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v[3] is None and v[1] == "legacy-false"],
                          ids=_variant_name)
-@pytest.mark.parametrize("mode", ["chat", "menu-template"])
-def test_chat_mode_and_a_menu_template(ids_server, variant, mode):
-    """Chat mode (webui's "You:" / "AI:" prompt) and webui's own Vicuna-v1.1 template from the menu: the
-    prompt webui built is tokenized as the checkpoint's reference tokenizes a prompt, images where placed."""
+@pytest.mark.parametrize("mode", ["chat"] + MENU_TEMPLATES)
+def test_chat_mode_and_the_menu_templates(ids_server, variant, mode):
+    """Chat mode (webui's "You:" / "AI:" prompt) and every template of webui's menu: the prompt webui built holds
+    each user message with its images placed, and is tokenized as the checkpoint's reference tokenizes a
+    prompt, every image spliced where its slot is."""
     import reference_support
 
     fmt = variant[0]
@@ -261,13 +267,14 @@ def test_chat_mode_and_a_menu_template(ids_server, variant, mode):
     folder = ids_server.models_dir / name
     ids_server.load(name)
     turns = _conversations()["images-in-two-turns"]
-    body = {"mode": "chat"} if mode == "chat" else {"instruction_template": "Vicuna-v1.1"}
+    body = {"mode": "chat"} if mode == "chat" else {"instruction_template": mode}
     record = ids_server.chat(turns, add_bos_token=True, **body)
     prompt = _marked(record["prompt"])
-    if mode == "menu-template":
+    placed = (("Compare these.\n<image>\n<image>", "And this one?\n<image>") if fmt == "v0"
+              else ("<image>\n<image>\nCompare these.", "<image>\nAnd this one?"))
+    assert all(text in prompt for text in placed), prompt
+    if mode == "Vicuna-v1.1":
         assert prompt.startswith("A chat between a curious user and an artificial intelligence assistant.")
-        placed = (("Compare these.\n<image>\n<image>", "And this one?\n<image>") if fmt == "v0"
-                  else ("<image>\n<image>\nCompare these.", "<image>\nAnd this one?"))
         assert f"USER: {placed[0]}\nASSISTANT: It is red.</s>\nUSER: {placed[1]}\nASSISTANT:" in prompt
     pictures = [picture for _, images, _ in turns for picture in images]
     if fmt == "hf":
@@ -275,3 +282,4 @@ def test_chat_mode_and_a_menu_template(ids_server, variant, mode):
     else:
         expected = reference_support.original_ids(_tokenizer(folder), fmt, prompt, _rows(folder, turns))
     assert _ours(record) == expected
+    assert len(record["image_rows"]) == sum(_rows(folder, turns))
