@@ -155,6 +155,8 @@ def cli_runs(tiny_checkpoints, files):
     runs["marker-count"] = ["--model", str(tiny_checkpoints.v15), *image_args(["a"], files),
                             "--prompt", "<image> and <image>", "--raw"]
     runs["bad-dtype"] = ["--model", hf, *image_args(["a"], files), "--prompt", "hi", "--dtype", "float8"]
+    runs["load-in-4bit"] = ["--model", hf, *image_args(["a"], files), "--prompt", QUESTION, "--load-in-4bit",
+                            "--max-new-tokens", str(NEW_TOKENS)]
 
     with cli_runs_started(runs, files["hf_home"]) as futures:
         yield futures
@@ -343,3 +345,17 @@ def test_unknown_dtype_is_a_usage_error(cli_runs):
     assert run.stdout == ""
     assert "Traceback" not in run.stderr
     assert re.search(r"error: argument --dtype: invalid choice: 'float8'", run.stderr), run.describe()
+
+
+def test_load_in_4bit(cli_runs):
+    """A 4-bit language model (bitsandbytes' CPU backend here) answers; without bitsandbytes, one error line
+    that names the package."""
+    import importlib.util
+
+    run = cli_runs["load-in-4bit"].result()
+    if importlib.util.find_spec("bitsandbytes") is None:
+        _assert_one_error_line(run, "--load-in-4bit", "bitsandbytes")
+        return
+    assert run.returncode == 0, run.describe()
+    assert "Traceback" not in run.stderr and "error:" not in run.stderr, run.describe()
+    assert "(hf format, 4-bit)" in run.stderr and "1 image(s)" in run.stderr, run.describe()

@@ -6,7 +6,8 @@ extension installed from the checkpoint's own chat template, and what reaches ``
 with the family's transformers class fed by its processor for the prompt that chat template renders from
 OpenAI-style parts (``[{"type": "image"}, {"type": "text", ...}]``): equal ids, logits within 1e-5 (fp32,
 ``--cpu``), equal greedy tokens. Also: webui's truncation counts every image position exactly, the panel
-shows each image's token cost, and an image the family cannot lay out is refused by name.
+shows each image's token cost, an image the family cannot lay out is refused by name, and webui's own 4-bit
+load (bitsandbytes) gets the same spliced inputs as the full-precision one.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def family_harness(tiny_family_checkpoints):
     Transformers loader from the folder of the tiny checkpoint ``kind``."""
     made = []
 
-    def make(kind: str, settings: dict | None = None) -> WebuiHarness:
+    def make(kind: str, settings: dict | None = None, args: dict | None = None) -> WebuiHarness:
         from transformers import AutoTokenizer
 
         for harness in made:
@@ -52,7 +53,7 @@ def family_harness(tiny_family_checkpoints):
         harness = WebuiHarness(
             EXTENSION_DIR, _Stand(), AutoTokenizer.from_pretrained(str(folder)),
             {"mode": "instruct", "max_new_tokens": NEW_TOKENS, "custom_stopping_strings": "", **(settings or {})},
-            args={"model_dir": str(folder.parent), "cpu": True}, model_name=kind)
+            args={"model_dir": str(folder.parent), "cpu": True, **(args or {})}, model_name=kind)
         made.append(harness)
         shared.model, shared.tokenizer = models.load_model(kind)
         shared.model_name = kind
@@ -130,6 +131,29 @@ def test_two_images_of_different_sizes(kind, family_harness, references):
     pictures = _images([(45, 90), (200, 150)])
     harness.send(QUESTION, pictures)
     _check_against_reference(kind, harness, references[kind], pictures)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_webuis_4bit_load_beside_the_vision_part_on_the_cpu(kind, family_harness, monkeypatch):
+    """webui's --load-in-4bit as it runs with a GPU (device_map auto, its nf4 / double-quant settings; here
+    bitsandbytes' CPU backend under a pretended GPU), the vision part on the CPU: the same ids and spliced
+    embeddings as the full-precision load, and a reply."""
+    bnb = pytest.importorskip("bitsandbytes")
+    pictures = _images([(70, 45)])
+    vision_on_cpu = {"llava-clip_device": "cpu", "llava-projector_device": "cpu"}
+    full = family_harness(kind, vision_on_cpu)
+    full.send(QUESTION, pictures)
+    expected = last_call(full)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # webui quantizes only with a GPU
+    harness = family_harness(kind, vision_on_cpu, args={"cpu": False, "load_in_4bit": True})
+    assert any(isinstance(module, bnb.nn.Linear4bit) for module in shared.model.modules())
+    harness.send(QUESTION, pictures)
+    call = last_call(harness)
+    assert call.error is None
+    assert call.input_ids.tolist() == expected.input_ids.tolist()
+    assert torch.equal(call.inputs_embeds, expected.inputs_embeds)
+    assert call.output.shape[1] > call.input_ids.shape[1]
 
 
 def test_report_max_logit_delta(record_property):

@@ -480,9 +480,11 @@ def load_language_model(model_dir: str | os.PathLike, **from_pretrained_kwargs):
         kwargs["key_mapping"] = {**HF_TEXT_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
     started = time.perf_counter()
     model = _from_pretrained_quietly(AutoModelForCausalLM, model_dir, config, kwargs)
+    quantized = ", 4-bit" if getattr(model, "is_loaded_in_4bit", False) else (
+        ", 8-bit" if getattr(model, "is_loaded_in_8bit", False) else "")
     logger.info(
-        "Loaded the %s language model of %s (%s format) in %.2f s",
-        type(model).__name__, model_dir.name, fmt, time.perf_counter() - started,
+        "Loaded the %s language model of %s (%s format%s) in %.2f s",
+        type(model).__name__, model_dir.name, fmt, quantized, time.perf_counter() - started,
     )
     return model
 
