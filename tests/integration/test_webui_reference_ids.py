@@ -255,11 +255,12 @@ MENU_TEMPLATES = ["Alpaca", "ChatML", "Llama-v3", "Mistral", "Open Assistant", "
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v[3] is None and v[1] == "legacy-false"],
                          ids=_variant_name)
-@pytest.mark.parametrize("mode", ["chat"] + MENU_TEMPLATES)
+@pytest.mark.parametrize("mode", ["chat", "chat-instruct"] + MENU_TEMPLATES)
 def test_chat_mode_and_the_menu_templates(ids_server, variant, mode):
-    """Chat mode (webui's "You:" / "AI:" prompt) and every template of webui's menu: the prompt webui built holds
-    each user message with its images placed, and is tokenized as the checkpoint's reference tokenizes a
-    prompt, every image spliced where its slot is."""
+    """Chat and chat-instruct modes (webui's "You:" / "AI:" prompt, bare or inside the checkpoint's template)
+    and every template of webui's menu: the prompt webui built holds each user message with its images
+    placed, and is tokenized as the checkpoint's reference tokenizes a prompt, every image spliced where its
+    slot is."""
     import reference_support
 
     fmt = variant[0]
@@ -267,7 +268,7 @@ def test_chat_mode_and_the_menu_templates(ids_server, variant, mode):
     folder = ids_server.models_dir / name
     ids_server.load(name)
     turns = _conversations()["images-in-two-turns"]
-    body = {"mode": "chat"} if mode == "chat" else {"instruction_template": mode}
+    body = {"mode": mode} if mode.startswith("chat") else {"instruction_template": mode}
     record = ids_server.chat(turns, add_bos_token=True, **body)
     prompt = _marked(record["prompt"])
     placed = (("Compare these.\n<image>\n<image>", "And this one?\n<image>") if fmt == "v0"
