@@ -1,7 +1,7 @@
 """Opt-in: the chat page of a real webui with this extension, in headless Chromium through Playwright.
 
 Walks what a user does: a picture through the panel's button, a second one through webui's paperclip,
-both sent in one message, a text follow-up, then a corrupt file. Checks what the panel says at each step
+both sent in one message, that reply regenerated and continued, a text follow-up, then a corrupt file. Checks what the panel says at each step
 (pending, sent, token costs), what the server spliced, the notice for the corrupt file, and fails on any
 page error or console error. Uses Debian's ``chromium`` (``$CHROMIUM`` names another executable; Playwright's
 own browser download is not used). ``$LLAVA_SCREENSHOTS`` keeps the screenshots in that folder.
@@ -88,15 +88,26 @@ def wait_for_text(page, selector: str, predicate, timeout_s: float = 30.0) -> st
 
 def send(page, server, text: str) -> str:
     """Type ``text``, press Send, wait for the reply to finish; returns the server log of that turn."""
+    page.locator("#chat-input textarea").fill(text)
+    log = _reply_to(page, server, lambda: page.locator("#Generate").click())
+    wait_for_text(page, "#chat", lambda chat: text in chat)
+    return log
+
+
+def shortcut(page, server, keys: str) -> str:
+    """``keys`` in the chat input (webui's shortcuts: Control+Enter regenerates, Alt+Enter continues the
+    last reply); returns the server log of that turn."""
+    return _reply_to(page, server, lambda: page.locator("#chat-input textarea").press(keys))
+
+
+def _reply_to(page, server, action) -> str:
     log = LogSlice(server)
     done = server.log_text().count("Output generated in")
-    page.locator("#chat-input textarea").fill(text)
-    page.locator("#Generate").click()
+    action()
     deadline = time.monotonic() + REPLY_TIMEOUT_S
     while server.log_text().count("Output generated in") == done:
         assert time.monotonic() < deadline, f"no reply within {REPLY_TIMEOUT_S} s:\n{server.log_tail()}"
         time.sleep(0.2)
-    wait_for_text(page, "#chat", lambda chat: text in chat)
     time.sleep(1.0)  # the last streamed update and the panel's events
     return log.text()
 
@@ -126,6 +137,14 @@ def test_a_user_walks_through_the_chat(page, llava_ui_server, files, screenshots
     sent = wait_for_text(page, "#llava-sent", lambda text: "second.png" in text)
     assert sent.startswith("Sent with your last message") and "first.png: 96×64" in sent
     page.screenshot(path=str(screenshots / "two_images_one_message.png"), full_page=True)
+
+    # Regenerate, then Continue: the same two pictures go with the message again; the panel still says they
+    # were sent.
+    for keys in ("Control+Enter", "Alt+Enter"):
+        turn = shortcut(page, server, keys)
+        assert spliced_counts(turn) == [2], (keys, turn[-3000:])
+        assert page.locator("#llava-pending").inner_text() == NOTHING_PENDING
+        assert "second.png" in page.locator("#llava-sent").inner_text()
 
     # A text follow-up: the model still sees the two pictures of the last message that had any.
     turn = send(page, server, "Which one is brighter?")
