@@ -1,6 +1,7 @@
 """What the LLaVA panel says (issue 13, item 5): pending pictures before a message is sent, what the last
-message carried after it. The Gradio wiring is checked in a real browser (tests/integration); these are
-the handlers it calls, with the values webui's Gradio hands them (``{"text", "files": [paths]}``)."""
+message carried after it. The Gradio wiring is checked in a real browser (tests/integration) and, with the
+events fired as the browser fires them, through tests/fake_gradio.py; the other tests here are the handlers
+it calls, with the values webui's Gradio hands them (``{"text", "files": [paths]}``)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,59 @@ def test_a_model_that_cannot_see_images_is_said_so(make_harness, tmp_path, monke
     monkeypatch.setattr(script._vision, "current", lambda: None)
     picture = saved(tmp_path, "cat.png", image(20, 20))
     assert script._pending_info({"files": [picture]}).endswith("* cat.png (vision inactive: the model will not see it)")
+
+
+def test_the_panel_wiring_follows_the_chat(make_harness, tmp_path, monkeypatch):
+    """The panel's events, fired as the browser fires them (tests/fake_gradio.py): what is pending and
+    what was sent stay true through a send, a dummy message, Remove last, the checkbox and a new chat."""
+    import sys
+
+    import fake_gradio
+    from fake_gradio import by_id, fire
+    from modules import shared
+
+    harness = make_harness("hf")
+    gr = fake_gradio.module()
+    monkeypatch.setitem(sys.modules, "gradio", gr)
+    box = gr.MultimodalTextbox(value={"text": "", "files": []})
+    webui = {"textbox": box, "Chat input": gr.State(), "Send dummy message": gr.Button(),
+             "Send dummy reply": gr.Button(), "Remove last": gr.Button(), "Start new chat": gr.Button(),
+             "unique_id": gr.Radio()}
+    monkeypatch.setattr(shared, "gradio", dict(webui))
+    harness.extension.ui()
+    upload, pending, sent, embed_all = (by_id(name) for name in ("llava-image", "llava-pending", "llava-sent",
+                                                                 "llava-embed-all"))
+    first = saved(tmp_path, "first.png", image(96, 64, seed=1))
+    nothing = "No image waiting for the next message."
+
+    def send_message(text):  # webui: the box into "Chat input", then the box emptied
+        webui["Chat input"].value = {**box.value, "text": text}
+        box.value = {"text": "", "files": []}
+        fire(webui["Chat input"], "change")
+        fire(box, "change")
+
+    upload.value = [first]
+    fire(upload, "upload")
+    assert box.value["files"] == [first] and "first.png: 96×64" in pending.value
+    send_message("Look.")
+    assert pending.value == nothing and "first.png: 96×64" in sent.value
+
+    upload.value = [first]
+    fire(upload, "upload")
+    fire(webui["Send dummy message"], "click")  # read before webui empties the box, which fires no change
+    box.value = {"text": "", "files": []}
+    assert pending.value == nothing and sent.value.startswith("**Sent** with your last message:")
+
+    fire(webui["Remove last"], "click")
+    assert sent.value == "" and pending.value == nothing
+    embed_all.value = True
+    fire(embed_all, "change")
+    assert sent.value == ""
+
+    send_message("And now?")
+    assert sent.value.endswith("the model still sees every image of the chat.")
+    for name, event in (("Start new chat", "click"), ("unique_id", "select")):
+        send_message("Again?")
+        assert sent.value
+        fire(webui[name], event)
+        assert sent.value == "", name

@@ -467,11 +467,42 @@ def ui():
     # value), so the button's handler says it itself.
     picture.upload(_attach_to_textbox, [picture, textbox], [textbox, pending], show_progress="hidden")
     textbox.change(_pending_info, [textbox], [pending], show_progress="hidden", trigger_mode="always_last")
-    if sent_message is not None:
-        # webui copies the chat box into this State when a message is sent, just before emptying the box.
-        sent_message.change(_sent_info, [sent_message, embed_all], [sent], show_progress="hidden")
-        sent_message.change(_current_status, None, [status], show_progress="hidden")
-        embed_all.change(_sent_info, [sent_message, embed_all], [sent], show_progress="hidden")
+    # A dummy message or reply and Remove last empty the box from the server, and the box's change event
+    # did not fire for them (seen in Chromium on webui 1dcde41d): the panel says it itself.
+    for name in ("Send dummy message", "Send dummy reply", "Remove last"):
+        _on_webui_event(name, "click", lambda: _pending_info(None), None, [pending])
+    if sent_message is None:
+        return
+    # The message the "sent" line describes (this browser session's): the last one sent in the chat shown,
+    # or None once that message is removed or another chat is shown.
+    last_sent = gr.State(None)
+
+    def describe(message, embed_all_value):
+        return message, _sent_info(message, embed_all_value)
+
+    # webui copies the chat box into "Chat input" when a message is sent, just before emptying the box; a
+    # dummy message is sent from the box itself (read here before webui empties it).
+    sent_message.change(describe, [sent_message, embed_all], [last_sent, sent], show_progress="hidden")
+    sent_message.change(_current_status, None, [status], show_progress="hidden")
+    _on_webui_event("Send dummy message", "click", describe, [textbox, embed_all], [last_sent, sent])
+    for name, event in _CHAT_REPLACED_EVENTS:
+        _on_webui_event(name, event, lambda: (None, ""), None, [last_sent, sent])
+    embed_all.change(_sent_info, [last_sent, embed_all], [sent], show_progress="hidden")
+
+
+# webui's events that remove the last message or show another chat (modules/ui_chat.py): the "sent" line
+# no longer describes the chat on screen after them.
+_CHAT_REPLACED_EVENTS = (("Remove last", "click"), ("Start new chat", "click"), ("Start incognito chat", "click"),
+                         ("delete_chat-confirm", "click"), ("branch_chat", "click"), ("unique_id", "select"),
+                         ("load_chat_history", "upload"), ("character_menu", "change"), ("mode", "change"))
+
+
+def _on_webui_event(name: str, event: str, handler, inputs, outputs) -> None:
+    """Listen to one of webui's own components, where this webui has it."""
+    component = shared.gradio.get(name)
+    listener = getattr(component, event, None)
+    if listener is not None:
+        listener(handler, inputs, outputs, show_progress="hidden")
 
 
 def _current_status() -> str:

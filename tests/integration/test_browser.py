@@ -1,7 +1,8 @@
 """Opt-in: the chat page of a real webui with this extension, in headless Chromium through Playwright.
 
 Walks what a user does: a picture through the panel's button, a second one through webui's paperclip,
-both sent in one message, that reply regenerated and continued, a text follow-up, then a corrupt file. Checks what the panel says at each step
+both sent in one message, that reply regenerated and continued, a text follow-up, a corrupt file, a
+dummy message with a picture, Remove last and a new chat. Checks what the panel says at each step
 (pending, sent, token costs), what the server spliced, the notice for the corrupt file, and fails on any
 page error or console error. Uses Debian's ``chromium`` (``$CHROMIUM`` names another executable; Playwright's
 own browser download is not used). ``$LLAVA_SCREENSHOTS`` keeps the screenshots in that folder.
@@ -162,5 +163,26 @@ def test_a_user_walks_through_the_chat(page, llava_ui_server, files, screenshots
     assert "⚠️ broken.png" in wait_for_text(page, "#llava-sent", lambda text: "broken.png" in text)
     page.screenshot(path=str(screenshots / "corrupt_file.png"), full_page=True)
     assert TRACEBACK not in turn
+
+    # A dummy message (webui's "Send dummy message": no reply) with a picture: the panel says it was sent.
+    panel_upload(page, files["first"])
+    wait_for_text(page, "#llava-pending", lambda text: "first.png" in text)
+    page.evaluate("[...document.querySelectorAll('button')]"
+                  ".find(button => button.textContent.trim() === 'Send dummy message').click()")
+    assert "first.png: 96×64" in wait_for_text(page, "#llava-sent", lambda text: "first.png" in text)
+    wait_for_text(page, "#llava-pending", lambda text: text == NOTHING_PENDING)
+    # Remove last (Ctrl+Shift+Backspace): that message is gone, so the panel no longer describes it, not even
+    # after the checkbox changes; the same after starting a new chat.
+    page.locator("#chat-input textarea").press("Control+Shift+Backspace")
+    wait_for_text(page, "#llava-sent", lambda text: text == "")
+    page.locator("#llava-embed-all input").click()
+    time.sleep(1.0)
+    assert page.locator("#llava-sent").inner_text() == ""
+    page.locator("#llava-embed-all input").click()
+    turn = send(page, server, "One more question.")
+    assert "no image" in wait_for_text(page, "#llava-sent", lambda text: text != "")
+    page.locator("#new-chat-btn").click()
+    wait_for_text(page, "#llava-sent", lambda text: text == "")
+    assert page.locator("#llava-pending").inner_text() == NOTHING_PENDING
 
     assert problems == []
