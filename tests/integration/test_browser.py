@@ -179,7 +179,7 @@ def test_a_user_walks_through_the_chat(page, llava_ui_server, files, screenshots
     time.sleep(1.0)
     assert page.locator("#llava-sent").inner_text() == ""
     page.locator("#llava-embed-all input").click()
-    turn = send(page, server, "One more question.")
+    send(page, server, "One more question.")
     assert "no image" in wait_for_text(page, "#llava-sent", lambda text: text != "")
     page.locator("#new-chat-btn").click()
     wait_for_text(page, "#llava-sent", lambda text: text == "")
